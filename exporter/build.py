@@ -1,0 +1,206 @@
+"""The export job: load, trace, passes, save, validate, finish; written atomically.
+
+Everything is written into a hidden temporary directory beside the target, and the target appears only by a
+rename at the very end, so a failed or killed export never leaves a directory that looks complete (the manifest,
+which marks completion, is written last, inside the temporary directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.manifest import FORMAT_VERSION, write_manifest
+
+from .presets import ExportError
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to model.onnx.data (protobuf limit)
+MODEL_FILE, DATA_FILE, TOKENIZER_FILE = "model.onnx", "model.onnx.data", "tokenizer.json"
+STEPS = ["load", "trace", "passes", "save", "validate", "finish"]
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    output: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    force: bool = False
+    validate: bool = True
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    dtype: str = "float32"
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    manifest: dict
+    timings: dict = field(default_factory=dict)
+
+
+class _Reporter:
+    """Prints one line per step; the CLI swaps in a rich progress display."""
+
+    def __init__(self, on_step=None):
+        self.on_step = on_step or (lambda name, state, seconds: None)
+        self.timings = {}
+
+    @contextmanager
+    def step(self, name: str):
+        self.on_step(name, "start", 0.0)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.on_step(name, "done", self.timings[name])
+
+
+def default_output(name: str, dtype: str) -> str:
+    short = {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
+    return f"{name}-onnx-{short}"
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if target.exists() and not force:
+        raise ExportError(f"output directory {str(target)!r} already exists; pass --force to replace it")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"output path {str(target)!r} exists and is not a directory")
+    if not target.parent.exists():
+        raise ExportError(f"parent directory of {str(target)!r} does not exist")
+
+
+def _weight_bytes(ir_model) -> int:
+    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_graph(ir_model, directory: Path, threshold: int) -> None:
+    """Write model.onnx, with the weights in model.onnx.data when they exceed `threshold` bytes."""
+    import onnx_ir as ir
+
+    path = directory / MODEL_FILE
+    if _weight_bytes(ir_model) > threshold:
+        ir.save(ir_model, str(path), external_data=DATA_FILE, size_threshold_bytes=0)
+    else:
+        ir.save(ir_model, str(path))
+
+
+def _io_spec(values, dtype_names) -> list[dict]:
+    return [{"name": v.name, "dtype": dtype_names[v.dtype],
+             "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
+
+
+def _manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
+    import onnx_ir as ir
+
+    names = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
+             ir.DataType.INT32: "int32"}
+    from . import __version__
+
+    config = loaded.model.config
+    kv = next(v for v in ir_model.graph.inputs if v.name.startswith("past_key_values."))
+    eos = config.eos_token_id if config.eos_token_id is not None else 50256
+    return {
+        "format_version": FORMAT_VERSION,
+        "producer": {"name": "gptexport", "version": __version__},
+        "model": {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
+                  "random_weights": loaded.random_weights, "seed": loaded.seed},
+        "config": facts,
+        "dtype": opts.dtype,
+        "kv_dtype": names[kv.dtype],
+        "inputs": _io_spec(ir_model.graph.inputs, names),
+        "outputs": _io_spec(ir_model.graph.outputs, names),
+        "special_tokens": {"bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos,
+                           "eos_token_id": eos, "pad_token_id": eos},
+        "generation": {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                       "repetition_penalty": 1.0},
+        "passes": passes,
+        "validation": {"passed": None, "skipped": True},
+    }
+
+
+def _session(directory: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(directory / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move the finished staging dir into place; an existing target (only with --force) goes last."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / "previous")
+    os.rename(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(opts: ExportOptions, on_step=None) -> ExportResult:
+    """Export opts.model into an artifact directory.
+
+    Args:
+        opts: what to export and where.
+        on_step: callback(step, "start"|"done", seconds) for progress display.
+    Returns:
+        ExportResult with the output path, the manifest written and per-step timings.
+    Raises:
+        ExportError: bad input (before any work), or a validation that failed (nothing is published).
+    """
+    from .load import load, resolve_config
+
+    report = _Reporter(on_step)
+    if opts.output is None:
+        _, name, _, _ = resolve_config(opts.model)
+        opts.output = default_output(name, opts.dtype)
+    target = Path(opts.output).expanduser().resolve()
+    _check_target(target, opts.force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        manifest = _export_into(opts, staging, report, load)
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(target, manifest, report.timings)
+
+
+def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) -> dict:
+    from .trace import trace
+
+    with report.step("load"):
+        loaded = load(opts.model, random_weights=opts.random_weights, seed=opts.seed)
+        facts = loaded.architecture.facts(loaded.model.config)
+    with report.step("trace"):
+        ir_model = trace(loaded.model, facts)
+    with report.step("passes"):
+        passes = {"fused": False, "counts": {}}
+    with report.step("save"):
+        save_graph(ir_model, staging, opts.external_data_threshold)
+        loaded.tokenizer.save(str(staging / TOKENIZER_FILE))
+        manifest = _manifest(loaded, facts, ir_model, opts, passes)
+        write_manifest(staging, manifest)
+    if opts.validate:
+        with report.step("validate"):
+            from .validate import validate
+
+            eos = manifest["special_tokens"]["eos_token_id"]
+            manifest["validation"] = validate(loaded.model, facts, loaded.tokenizer, str(staging),
+                                              _session(staging), opts.dtype, eos)
+        if not manifest["validation"]["passed"]:
+            v = manifest["validation"]
+            raise ExportError(
+                f"validation failed: logits max abs diff {v['logits_max_abs_diff']:.3g} "
+                f"(tolerance {v['logits_tolerance']}), greedy agreement {v['greedy_agreement']:.3f} "
+                f"(required {v['min_greedy_agreement']}); nothing was written"
+            )
+    with report.step("finish"):
+        manifest["timings"] = dict(report.timings)
+        write_manifest(staging, manifest)
+    return json.loads((staging / "manifest.json").read_text())

@@ -1,0 +1,94 @@
+"""`gptexport MODEL -o DIR`: the command line of the exporter (arguments only; the work is in build.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from runtime.errors import GptexportError
+
+from .build import STEPS, ExportOptions, export
+from .presets import PRESETS
+
+
+class _Progress:
+    """A spinner per step and a line with its time once done (to stderr, so stdout stays the summary)."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.status = None
+
+    def __call__(self, name: str, state: str, seconds: float) -> None:
+        index = STEPS.index(name) + 1
+        if state == "start":
+            self.status = self.console.status(f"[{index}/{len(STEPS)}] {name}...")
+            self.status.start()
+        else:
+            self.status.stop()
+            self.console.print(f"[green]✓[/green] [{index}/{len(STEPS)}] {name:<9} {seconds:7.2f} s")
+
+
+def _summary(result) -> str:
+    m = result.manifest
+    v = m["validation"]
+    lines = [f"artifact: {result.output}",
+             f"model: {m['model']['name']} ({m['model']['architecture']}, {m['config']['num_layers']} layers), "
+             f"dtype {m['dtype']}, {sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB"]
+    counts = m["passes"].get("counts") or {}
+    lines.append("passes: " + (", ".join(f"{k}={n}" for k, n in counts.items()) if counts else "passes: none"))
+    if v.get("skipped"):
+        lines.append("validation: skipped (--no-validate)")
+    else:
+        lines.append(f"validation: {'passed' if v['passed'] else 'FAILED'}: logits max abs diff "
+                     f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}), presents "
+                     f"{v['present_max_abs_diff']:.3g}, greedy agreement {v['greedy_agreement']:.3f} over "
+                     f"{len(v['greedy_cases'])} prompts (incl. a left-padded batch)")
+    return "\n".join(lines).replace("passes: passes:", "passes:")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("-o", "--output", help="Artifact directory to create (default: ./MODEL-onnx-DTYPE).")
+@click.option("--random-weights", is_flag=True, help="Build the architecture with seeded random weights (offline).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-weights.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--no-validate", is_flag=True, help="Skip validation against torch (recorded in the manifest).")
+@click.option("--external-data-threshold", type=click.IntRange(min=0), default=None,
+              help="Bytes of weights above which they go to model.onnx.data (default 2 GB).")
+def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold):
+    """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
+
+    Presets: """
+    opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
+                         validate=not no_validate)
+    if external_data_threshold is not None:
+        opts.external_data_threshold = external_data_threshold
+    result = export(opts, on_step=_Progress())
+    click.echo(_summary(result))
+    if not result.manifest["validation"].get("skipped") and not result.manifest["validation"]["passed"]:
+        sys.exit(1)
+
+
+cli.help = (cli.help or "") + ", ".join(PRESETS) + "."
+
+
+def main(argv=None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="gptexport", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("gptexport: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        click.echo(f"gptexport: error: {err.format_message()}", err=True)
+        sys.exit(2)
+    except GptexportError as err:
+        click.echo(f"gptexport: error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
