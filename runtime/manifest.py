@@ -1,0 +1,223 @@
+"""Read, write and verify an artifact's manifest.json (the contract in docs/ARTIFACT.md).
+
+Pure stdlib: the exporter imports `write_manifest`, `checksum_files`, `FORMAT_VERSION` from here to write the
+manifest, and the runtime uses `read_manifest` to refuse anything incomplete, newer, or modified.
+
+Verification policy (`read_manifest(dir, verify=...)`):
+
+- ``"full"``: hash every listed file with sha256 on every load.
+- ``"size"``: check that every listed file exists with the listed size; no hashing.
+- ``"auto"`` (default): check sizes always, and hash fully unless a previous full verification of the same file is
+  cached. The cache lives in ``$GPTEXPORT_CACHE_DIR/verified.json`` (default ``~/.cache/gptexport``) and is keyed
+  by the file's realpath; an entry stores (size, mtime_ns, inode, sha256 from the manifest) and is used only when
+  all four still match, so any rewrite, touch, copy or manifest change forces a fresh hash. This makes reloading
+  a 12 GB artifact fast while still catching modification. Failures to read or write the cache are ignored
+  (the cache is an optimisation, never a source of trust beyond those four facts).
+
+Every file named in ``files`` must be a plain name inside the directory (no separator, no ``..``, not absolute,
+not a symlink), so a manifest cannot point the runtime (or ONNX external data) outside the artifact.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+VERIFY_MODES = ("auto", "full", "size")
+REQUIRED_KEYS = ("format_version", "model", "config", "dtype", "kv_dtype", "inputs", "outputs",
+                 "special_tokens", "files")
+REQUIRED_CONFIG_KEYS = ("num_layers", "num_heads", "head_size", "vocab_size", "max_positions")
+_CHUNK = 16 * 1024 * 1024
+_CACHE_NAME = "verified.json"
+
+
+def file_entry(path) -> dict:
+    """Size and sha256 of one file, read in 16 MiB chunks.
+
+    Args:
+        path: the file.
+    Returns:
+        ``{"size": int, "sha256": hex str}``.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def checksum_files(directory) -> dict:
+    """Entries for every regular file of `directory` except manifest.json, sorted by name.
+
+    Args:
+        directory: the artifact directory.
+    Returns:
+        ``{name: {"size", "sha256"}}``; symlinks, subdirectories and hidden temp files are skipped.
+    """
+    directory = Path(directory)
+    names = sorted(p.name for p in directory.iterdir()
+                   if p.is_file() and not p.is_symlink() and p.name != MANIFEST_NAME
+                   and not p.name.startswith(".manifest"))
+    return {name: file_entry(directory / name) for name in names}
+
+
+def write_manifest(directory, manifest: dict) -> dict:
+    """Write manifest.json atomically, adding "files" (checksums of every other file).
+
+    Args:
+        directory: the artifact directory, with all other files already written.
+        manifest: the manifest without "files" (an existing "files" is replaced).
+    Returns:
+        The manifest as written.
+    """
+    directory = Path(directory)
+    full = dict(manifest)
+    full.setdefault("format_version", FORMAT_VERSION)
+    full["files"] = checksum_files(directory)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(full, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / MANIFEST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return full
+
+
+def read_manifest(directory, verify: str = "auto") -> dict:
+    """Load manifest.json and verify the artifact against it.
+
+    Args:
+        directory: the artifact directory.
+        verify: "auto", "full" or "size" (see the module docstring).
+    Returns:
+        The manifest dict.
+    Raises:
+        ArtifactError: one line naming what is wrong (missing, newer, incomplete, modified), or an unknown
+            `verify` mode.
+    """
+    if verify not in VERIFY_MODES:
+        raise ArtifactError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    directory = Path(directory)
+    manifest = _load_json(directory)
+    _check_version(directory, manifest)
+    _check_keys(directory, manifest)
+    _verify_files(directory, manifest["files"], verify)
+    return manifest
+
+
+def _load_json(directory: Path) -> dict:
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a complete gptexport artifact (no {MANIFEST_NAME}); "
+                            "re-run gptexport")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-run gptexport") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a JSON object; re-run gptexport")
+    return manifest
+
+
+def _check_version(directory: Path, manifest: dict) -> None:
+    version = manifest.get("format_version")
+    if version is None:
+        return  # reported with the other missing keys
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: format_version must be a positive integer, "
+                            f"got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{directory / MANIFEST_NAME}: format_version {version} is newer than this runtime "
+                            f"supports ({FORMAT_VERSION}); upgrade gptexport")
+
+
+def _check_keys(directory: Path, manifest: dict) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    config = manifest.get("config")
+    if isinstance(config, dict):
+        missing += [f"config.{k}" for k in REQUIRED_CONFIG_KEYS if k not in config]
+    elif "config" in manifest:
+        missing += [f"config.{k}" for k in REQUIRED_CONFIG_KEYS]
+    if "files" in manifest and not isinstance(manifest["files"], dict):
+        missing.append("files (must be an object)")
+    if missing:
+        raise ArtifactError(f"{directory / MANIFEST_NAME} is missing required keys: {', '.join(missing)}; "
+                            "re-run gptexport")
+
+
+def _check_name(directory: Path, name: str) -> Path:
+    """A listed file must be a plain name inside the directory: no escape via '..', '/', or a symlink."""
+    plain = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+             and not os.path.isabs(name) and "\x00" not in name)
+    if not plain:
+        raise ArtifactError(f"manifest lists {name!r}, which is not a plain file name inside {directory}")
+    path = directory / name
+    if path.is_symlink():
+        raise ArtifactError(f"{name} in {directory} is a symlink; artifact files must be regular files")
+    return path
+
+
+def _verify_files(directory: Path, files: dict, verify: str) -> None:
+    cache = _load_cache() if verify == "auto" else {}
+    changed = False
+    for name, entry in files.items():
+        path = _check_name(directory, name)
+        if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
+            raise ArtifactError(f"manifest entry for {name} needs size and sha256; re-run gptexport")
+        if not path.is_file():
+            raise ArtifactError(f"{name} is listed in the manifest but missing from {directory}")
+        st = path.stat()
+        if st.st_size != entry["size"]:
+            raise ArtifactError(f"size of {name} is {st.st_size} bytes, the manifest says {entry['size']}: "
+                                "the artifact was modified or truncated")
+        if verify == "size":
+            continue
+        key, stamp = os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino, entry["sha256"]]
+        if verify == "auto" and cache.get(key) == stamp:
+            continue
+        if file_entry(path)["sha256"] != entry["sha256"]:
+            raise ArtifactError(f"checksum of {name} does not match the manifest: "
+                                "the artifact was modified or corrupted")
+        cache[key], changed = stamp, True
+    if verify == "auto" and changed:
+        _save_cache(cache)
+
+
+def cache_path() -> Path:
+    """Where successful full verifications are remembered ($GPTEXPORT_CACHE_DIR or ~/.cache/gptexport)."""
+    root = os.environ.get("GPTEXPORT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gptexport")
+    return Path(root) / _CACHE_NAME
+
+
+def _load_cache() -> dict:
+    try:
+        data = json.loads(cache_path().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_cache(cache: dict) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a re-hash next time

@@ -1,0 +1,286 @@
+"""Load an artifact and generate text from it: the explicit loop (append tokens, next token, done).
+
+```
+ prompts -> tokenize -> left-pad -> prefill step -> [ next_tokens -> emit -> decode step ]* -> detokenize
+                                     (B, L)            (B,)                   (B, 1)
+```
+
+Batches follow transformers' `generate` exactly, so greedy output is token-for-token the same: position ids are
+`cumsum(mask) - 1` (pads 0) at prefill and +1 per step; every row gets a 1 appended to the attention mask per step,
+finished rows are fed `pad_token_id`, and the repetition penalty sees each row's full input (padding included),
+as transformers' processor does.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import ArtifactError, GenerationError
+from .manifest import read_manifest
+from .sampling import SamplingParams, next_tokens
+from .session import Decoder, create_session
+
+MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
+_REPLACEMENT = "\ufffd"
+
+
+@dataclass
+class Stats:
+    """Timings of the last generate/stream call (per sequence; a batch decodes its rows together)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode steps per second after the prefill (0 when there were none)."""
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 and steps else 0.0
+
+
+@dataclass
+class _Row:
+    """One sequence of a request: its prompt ids and what it has generated."""
+
+    prompt: list
+    tokens: list = field(default_factory=list)
+    text: str = ""
+    done: bool = False
+
+
+def _stop_index(text: str, stops: list):
+    """Index of the earliest stop string in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _normalize_stops(stop) -> list:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
+    return stops
+
+
+class Model:
+    """A loaded artifact: manifest, tokenizer and decoder session.
+
+    Use `load()` to build one. `last_stats` holds the timings of the latest generate/stream call.
+    """
+
+    def __init__(self, manifest: dict, tokenizer: Tokenizer, decoder: Decoder):
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        special = manifest["special_tokens"]
+        self.eos_token_id = special.get("eos_token_id")
+        pad = special.get("pad_token_id")
+        self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
+        self.max_positions = manifest["config"]["max_positions"]
+        self.defaults = manifest.get("generation", {})
+        self.last_stats = Stats()
+
+    # -- public API ------------------------------------------------------------------------------------------
+
+    def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
+                 top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, return_tokens=False):
+        """Generate a continuation for one prompt or a left-padded batch of prompts.
+
+        Args:
+            prompt: a str, or a list of str (one batch).
+            max_new_tokens: tokens to generate at most (None: the manifest's generation default).
+            min_new_tokens: eos is forbidden until this many tokens were generated.
+            do_sample, temperature, top_k, top_p, repetition_penalty: as transformers' `generate`
+                (temperature 0 with do_sample means greedy).
+            seed: seeds numpy's Generator for sampling (None: fresh entropy).
+            stop: a str or list of str; a row stops when its text contains one, and its text is cut before it.
+            return_tokens: also return the generated token ids (eos included when emitted).
+        Returns:
+            The continuation text (str, or list of str for a list prompt); with `return_tokens`, a tuple
+            (text(s), token ids as list[int] or list[list[int]]).
+        Raises:
+            GenerationError: empty prompt/list, invalid setting, or prompt + max_new_tokens too long.
+        """
+        single = isinstance(prompt, str)
+        rows = self._encode(prompt)
+        params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                              repetition_penalty, rows)
+        stops = _normalize_stops(stop)
+        for _ in self._run(rows, params, seed, stops):
+            pass
+        texts = [row.text for row in rows]
+        tokens = [row.tokens for row in rows]
+        if single:
+            texts, tokens = texts[0], tokens[0]
+        return (texts, tokens) if return_tokens else texts
+
+    def stream(self, prompt: str, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
+               top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None):
+        """Generate for one prompt, yielding text pieces as they become stable.
+
+        A piece never splits a multi-byte character (text ending in U+FFFD is held back) and never shows the
+        start of a stop string that may still complete; "".join(pieces) equals `generate()`'s text.
+
+        Args:
+            prompt: a str (batch of one); the other arguments are those of `generate`.
+        Returns:
+            An iterator of str pieces. Argument errors are raised at the call, not at the first `next()`.
+        Raises:
+            GenerationError: as `generate`.
+        """
+        if not isinstance(prompt, str):
+            raise GenerationError(f"stream takes one prompt (str), got {type(prompt).__name__}")
+        rows = self._encode(prompt)
+        params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                              repetition_penalty, rows)
+        return self._stream(rows, params, seed, _normalize_stops(stop))
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _stream(self, rows: list, params: SamplingParams, seed, stops: list):
+        row, emitted = rows[0], ""
+        for _ in self._run(rows, params, seed, stops):
+            text = row.text if row.done else self._stable(row.text, stops)
+            if len(text) > len(emitted) and text.startswith(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        if row.text != emitted:  # flush (only reached if a held-back tail remained)
+            yield row.text[len(emitted):]
+
+    @staticmethod
+    def _stable(text: str, stops: list) -> str:
+        """The prefix of `text` that cannot change: no trailing U+FFFD, no trailing partial stop string."""
+        text = text.rstrip(_REPLACEMENT)
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[:len(text) - hold]
+
+    def _run(self, rows: list, params: SamplingParams, seed, stops: list):
+        """Generate into `rows`, yielding after every step (rows' tokens/text/done are updated)."""
+        input_ids, mask = self._left_pad(rows)  # (B, L)
+        position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
+        seen = [list(ids) for ids in input_ids]  # transformers' penalty sees padding too
+        cache = self.decoder.new_cache(len(rows))
+        rng = np.random.default_rng(seed)
+        stats = self.last_stats = Stats(batch=len(rows), prompt_tokens=int(input_ids.shape[1]))
+        start = time.perf_counter()
+        logits = self.decoder.step(input_ids, mask, position_ids, cache)
+        stats.prefill_s = time.perf_counter() - start
+        for step in range(params.max_new_tokens):
+            active = np.array([not row.done for row in rows])
+            tokens = next_tokens(logits[:, -1, :], params, seen, step, self.eos_token_id, rng)
+            tokens = np.where(active, tokens, self.pad_token_id)  # (B,)
+            for row, ids, token, live in zip(rows, seen, tokens.tolist(), active):
+                ids.append(token)
+                if live:
+                    self._emit(row, token, stops)
+            stats.new_tokens = step + 1
+            stats.decode_s = time.perf_counter() - start - stats.prefill_s
+            yield step
+            if all(row.done for row in rows) or step + 1 == params.max_new_tokens:
+                break
+            mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)  # (B, T+1)
+            position_ids = position_ids[:, -1:] + 1  # (B, 1)
+            logits = self.decoder.step(tokens[:, None], mask, position_ids, cache)
+        stats.decode_s = time.perf_counter() - start - stats.prefill_s
+
+    def _emit(self, row: _Row, token: int, stops: list) -> None:
+        """Add one generated token to a live row: eos ends it; a stop string ends it and cuts its text."""
+        row.tokens.append(token)
+        if token == self.eos_token_id:
+            row.done = True
+            return
+        ids = row.tokens
+        row.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = _stop_index(row.text, stops) if stops else None
+        if cut is not None:
+            row.text, row.done = row.text[:cut], True
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+
+    def _encode(self, prompt) -> list:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or any(not isinstance(p, str) for p in prompts):
+            raise GenerationError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if not prompts:
+            raise GenerationError("prompt list is empty")
+        rows = []
+        for i, text in enumerate(prompts):
+            ids = self.tokenizer.encode(text).ids if text else []
+            if not ids:
+                where = "" if isinstance(prompt, str) else f" (prompt {i} of the list)"
+                raise GenerationError(f"prompt is empty{where}")
+            rows.append(_Row(prompt=ids))
+        return rows
+
+    def _params(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                repetition_penalty, rows) -> SamplingParams:
+        if max_new_tokens is None:
+            max_new_tokens = self.defaults.get("max_new_tokens", 32)
+        params = SamplingParams.create(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
+                                       repetition_penalty)
+        longest = max(len(row.prompt) for row in rows)
+        if longest + params.max_new_tokens > self.max_positions:
+            raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                                  f"exceeds the model's {self.max_positions} positions")
+        return params
+
+    def _left_pad(self, rows: list):
+        """(B, L) int64 input ids and attention mask, padding on the left with pad_token_id."""
+        length = max(len(row.prompt) for row in rows)
+        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, length - len(row.prompt):] = row.prompt
+            mask[i, length - len(row.prompt):] = 1
+        return input_ids, mask
+
+
+def load(artifact_dir, provider: str = "cpu", verify: str = "auto") -> Model:
+    """Verify an artifact and load it for generation.
+
+    Args:
+        artifact_dir: the artifact directory.
+        provider: "cpu" or "cuda".
+        verify: manifest verification policy, "auto", "full" or "size" (see runtime.manifest).
+    Returns:
+        A Model.
+    Raises:
+        ArtifactError: the artifact is incomplete, modified, newer, or not loadable.
+        ProviderError: the provider is unknown or unavailable.
+    """
+    directory = Path(artifact_dir)
+    manifest = read_manifest(directory, verify=verify)
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
+    try:
+        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {e}") from None
+    session = create_session(directory / MODEL_FILE, provider)
+    return Model(manifest, tokenizer, Decoder(session, provider, manifest))
+
+
+_LOADED: dict = {}
+
+
+def generate(artifact_dir, prompt, provider: str = "cpu", **kwargs):
+    """Load (cached per realpath and provider) and generate; see `Model.generate` for the arguments.
+
+    Returns:
+        As `Model.generate`.
+    Raises:
+        ArtifactError, ProviderError, GenerationError: as `load` and `Model.generate`.
+    """
+    key = (os.path.realpath(artifact_dir), provider)
+    if key not in _LOADED:
+        _LOADED[key] = load(artifact_dir, provider=provider)
+    return _LOADED[key].generate(prompt, **kwargs)

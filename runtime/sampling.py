@@ -1,0 +1,190 @@
+"""Next-token selection in numpy, matching transformers' logits processors.
+
+Order and semantics follow `GenerationMixin._get_logits_processor`: repetition penalty and min_new_tokens
+(processors, applied in greedy and sampling), then temperature, top_k, top_p (warpers, sampling only), then softmax
+and a draw. Every function works on a (batch, vocab) float array; randomness comes from one
+`numpy.random.Generator`, so a seed reproduces a run exactly.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated generation settings; build with `SamplingParams.create`."""
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        """True when the next token is the argmax (no sampling, or sampling at temperature 0)."""
+        return not self.do_sample or self.temperature == 0
+
+    @classmethod
+    def create(cls, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+               repetition_penalty=1.0) -> "SamplingParams":
+        """Validate and build.
+
+        Raises:
+            GenerationError: one line naming the bad value and what is accepted.
+        """
+        _check_int("max_new_tokens", max_new_tokens, 1)
+        _check_int("min_new_tokens", min_new_tokens, 0)
+        if min_new_tokens > max_new_tokens:
+            raise GenerationError(f"min_new_tokens must be <= max_new_tokens ({max_new_tokens}), "
+                                  f"got {min_new_tokens}")
+        temperature = _check_float("temperature", temperature)
+        if temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {temperature}")
+        _check_int("top_k", top_k, 0)
+        top_p = _check_float("top_p", top_p)
+        if not 0 < top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+        repetition_penalty = _check_float("repetition_penalty", repetition_penalty)
+        if repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        return cls(int(max_new_tokens), int(min_new_tokens), bool(do_sample), temperature, int(top_k), top_p,
+                   repetition_penalty)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise GenerationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value):
+        raise GenerationError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list, penalty: float) -> np.ndarray:
+    """Penalise tokens already in each row (prompt included): positive logits / penalty, negative * penalty.
+
+    Args:
+        logits: (batch, vocab) scores, modified copy returned.
+        seen: per row, the token ids seen so far (any iterable of ints; duplicates are harmless).
+        penalty: > 0; 1.0 is a no-op.
+    Returns:
+        The penalised (batch, vocab) scores.
+    """
+    if penalty == 1.0:
+        return logits
+    out = logits.copy()
+    for row, ids in enumerate(seen):
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        score = out[row, ids]
+        out[row, ids] = np.where(score < 0, score * penalty, score / penalty)
+    return out
+
+
+def suppress_eos(logits: np.ndarray, eos_token_id, generated: int, min_new_tokens: int) -> np.ndarray:
+    """Forbid end-of-sequence until `min_new_tokens` tokens have been generated.
+
+    Args:
+        logits: (batch, vocab) scores.
+        eos_token_id: the id to suppress (None: nothing to do).
+        generated: tokens generated so far.
+        min_new_tokens: the minimum.
+    Returns:
+        Scores with eos at -inf while `generated < min_new_tokens`.
+    """
+    if eos_token_id is None or generated >= min_new_tokens:
+        return logits
+    out = logits.copy()
+    out[:, eos_token_id] = -np.inf
+    return out
+
+
+def apply_top_k(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """Keep every token scoring at least the k-th best (ties kept, as transformers); 0 disables.
+
+    Args:
+        logits: (batch, vocab) scores.
+        top_k: k >= 0.
+    Returns:
+        Scores with the others at -inf.
+    """
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = -np.partition(-logits, top_k - 1, axis=-1)[:, top_k - 1:top_k]  # (B, 1)
+    return np.where(logits < kth, -np.inf, logits)
+
+
+def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """Nucleus filter: keep the smallest set of top tokens whose probability sums to >= top_p (at least one).
+
+    Same rule as transformers: sort ascending, drop tokens whose cumulative probability is <= 1 - top_p.
+
+    Args:
+        logits: (batch, vocab) scores.
+        top_p: in (0, 1]; 1.0 disables.
+    Returns:
+        Scores with the others at -inf.
+    """
+    if top_p >= 1.0:
+        return logits
+    order = np.argsort(logits, axis=-1, kind="stable")  # ascending, (B, V)
+    sorted_logits = np.take_along_axis(logits, order, axis=-1)
+    cumulative = np.cumsum(softmax(sorted_logits), axis=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[:, -1] = False  # always keep the best token
+    remove = np.zeros_like(remove_sorted)
+    np.put_along_axis(remove, order, remove_sorted, axis=-1)
+    return np.where(remove, -np.inf, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (-inf entries get probability 0)."""
+    x = logits.astype(np.float64)
+    x = x - np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw one token per row from (batch, vocab) probabilities, one uniform number per row.
+
+    Returns:
+        (batch,) int64 token ids.
+    """
+    cumulative = np.cumsum(probs, axis=-1)
+    u = rng.random(probs.shape[0]) * cumulative[:, -1]
+    ids = np.array([np.searchsorted(c, x, side="right") for c, x in zip(cumulative, u)], dtype=np.int64)
+    return np.minimum(ids, probs.shape[-1] - 1)
+
+
+def next_tokens(logits: np.ndarray, params: SamplingParams, seen: list, generated: int, eos_token_id,
+                rng: np.random.Generator) -> np.ndarray:
+    """Choose each row's next token from the last position's logits.
+
+    Args:
+        logits: (batch, vocab) scores of the last position.
+        params: validated settings.
+        seen: per row, the ids so far (prompt without padding + generated), for the repetition penalty.
+        generated: how many tokens have been generated before this one.
+        eos_token_id: for min_new_tokens.
+        rng: the random source (unused when greedy).
+    Returns:
+        (batch,) int64 token ids.
+    """
+    scores = logits.astype(np.float32, copy=False)
+    scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
+    scores = suppress_eos(scores, eos_token_id, generated, params.min_new_tokens)
+    if params.greedy:
+        return np.argmax(scores, axis=-1).astype(np.int64)
+    scores = scores / np.float32(params.temperature) if params.temperature != 1.0 else scores
+    scores = apply_top_k(scores, params.top_k)
+    scores = apply_top_p(scores, params.top_p)
+    return sample(softmax(scores), rng)

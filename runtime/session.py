@@ -1,0 +1,191 @@
+"""onnxruntime sessions and the KV cache for one artifact graph.
+
+A decode step feeds `input_ids`, `attention_mask`, `position_ids` and the cache's pasts, and returns the logits
+while the cache takes the presents. The cache is a small class so that an in-place, preallocated cache can
+replace it without touching the generation loop.
+
+CPU: `session.run` with numpy; the presents of one step are fed back unchanged as the next step's pasts (no
+Python-side concatenation; the graph's Concat does the growth). CUDA: IO binding; inputs are copied to the device
+once per step (a few int64s), presents stay on the device as OrtValues and are bound as the next pasts, and only
+the logits come back to the host.
+"""
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ArtifactError, ProviderError
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+
+
+def session_options() -> ort.SessionOptions:
+    """Full graph optimisation, sequential execution, one intra-op thread per core."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def resolve_providers(provider: str) -> list:
+    """onnxruntime provider list for "cpu" or "cuda".
+
+    Raises:
+        ProviderError: unknown name, or CUDA requested but this onnxruntime has no CUDA provider.
+    """
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+    if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ProviderError("provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider "
+                            "(install onnxruntime-gpu, or use --provider cpu)")
+    return PROVIDERS[provider]
+
+
+def create_session(model_path, provider: str = "cpu") -> ort.InferenceSession:
+    """Load an ONNX graph into an InferenceSession.
+
+    Args:
+        model_path: path to model.onnx (external data is resolved next to it).
+        provider: "cpu" or "cuda".
+    Returns:
+        The session.
+    Raises:
+        ProviderError: see `resolve_providers`.
+        ArtifactError: onnxruntime could not load the graph (one line).
+    """
+    providers = resolve_providers(provider)
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=session_options(), providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"onnxruntime could not load {model_path}: {first}") from None
+
+
+def kv_names(input_names: list) -> list:
+    """(past input, present output) name pairs in graph order, e.g. past_key_values.0.key -> present.0.key."""
+    return [(name, PRESENT_PREFIX + name[len(PAST_PREFIX):]) for name in input_names
+            if name.startswith(PAST_PREFIX)]
+
+
+class KVCache:
+    """Host-side cache: the last step's presents, fed back as the next step's pasts.
+
+    Args:
+        pairs: (past name, present name) per tensor.
+        batch, num_heads, head_size: the cache geometry.
+        dtype: numpy kv dtype.
+    """
+
+    def __init__(self, pairs: list, batch: int, num_heads: int, head_size: int, dtype):
+        self.pairs = pairs
+        empty = np.zeros((batch, num_heads, 0, head_size), dtype=dtype)  # (B, nh, 0, hs)
+        self.values = {past: empty for past, _ in pairs}
+
+    @property
+    def length(self) -> int:
+        """Cached positions per row (padding included)."""
+        return next(iter(self.values.values())).shape[2] if self.values else 0
+
+    def feeds(self) -> dict:
+        """The past inputs for the next step."""
+        return self.values
+
+    def present_names(self) -> list:
+        """The outputs to fetch after each step."""
+        return [present for _, present in self.pairs]
+
+    def update(self, presents: list) -> None:
+        """Take this step's presents (in `present_names` order) as the next pasts."""
+        self.values = {past: value for (past, _), value in zip(self.pairs, presents)}
+
+
+class DeviceKVCache(KVCache):
+    """CUDA cache: presents stay on the device as OrtValues and are bound as the next pasts."""
+
+    def __init__(self, pairs, batch, num_heads, head_size, dtype, device_id: int = 0):
+        super().__init__(pairs, batch, num_heads, head_size, dtype)
+        self.device_id = device_id
+        self.values = {past: ort.OrtValue.ortvalue_from_numpy(value, "cuda", device_id)
+                       for past, value in self.values.items()}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.values.values())).shape()[2] if self.values else 0
+
+
+class Decoder:
+    """One artifact graph plus the step function used by the generation loop.
+
+    Args:
+        session: the InferenceSession.
+        provider: "cpu" or "cuda" (CUDA uses IO binding).
+        manifest: the artifact manifest (config and kv_dtype).
+    """
+
+    def __init__(self, session: ort.InferenceSession, provider: str, manifest: dict):
+        self.session = session
+        self.provider = provider
+        config = manifest["config"]
+        self.num_heads, self.head_size = config["num_heads"], config["head_size"]
+        if manifest["kv_dtype"] not in KV_DTYPES:
+            raise ArtifactError(f"kv_dtype {manifest['kv_dtype']!r} is not supported; "
+                                f"expected one of {', '.join(KV_DTYPES)}")
+        self.kv_dtype = KV_DTYPES[manifest["kv_dtype"]]
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.pairs = kv_names(self.input_names)
+        self._check_graph(manifest)
+
+    def _check_graph(self, manifest: dict) -> None:
+        outputs = {o.name for o in self.session.get_outputs()}
+        needed = ["input_ids", "attention_mask", "position_ids"]
+        missing = [n for n in needed if n not in self.input_names]
+        missing += [p for _, p in self.pairs if p not in outputs] + ([] if "logits" in outputs else ["logits"])
+        if missing or len(self.pairs) != 2 * manifest["config"]["num_layers"]:
+            raise ArtifactError(f"model.onnx does not follow the artifact contract (missing: "
+                                f"{', '.join(missing) or 'none'}; {len(self.pairs)} past tensors for "
+                                f"{manifest['config']['num_layers']} layers)")
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty cache for `batch` rows on this decoder's device."""
+        cls = DeviceKVCache if self.provider == "cuda" else KVCache
+        return cls(self.pairs, batch, self.num_heads, self.head_size, self.kv_dtype)
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: KVCache) -> np.ndarray:
+        """Run one prefill or decode step and advance the cache.
+
+        Args:
+            input_ids: (B, S) int64.
+            attention_mask: (B, past + S) int64.
+            position_ids: (B, S) int64.
+            cache: the request's cache; updated with the presents.
+        Returns:
+            (B, S, vocab) logits on the host.
+        """
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.provider == "cuda":
+            return self._step_bound(feeds, cache)
+        outputs = self.session.run(["logits"] + cache.present_names(), {**feeds, **cache.feeds()})
+        cache.update(outputs[1:])
+        return outputs[0]
+
+    def _step_bound(self, feeds: dict, cache: DeviceKVCache) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", cache.device_id))
+        for name, value in cache.feeds().items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")  # host memory: the only bytes that cross the bus each step
+        for name in cache.present_names():
+            binding.bind_output(name, "cuda", cache.device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        cache.update(outputs[1:])
+        return outputs[0].numpy()
