@@ -1,0 +1,116 @@
+"""Logits processors against small hand-computed cases, and validation messages."""
+
+import numpy as np
+import pytest
+
+from runtime.errors import GenerationError
+from runtime.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, next_tokens, \
+    sample, softmax, suppress_eos
+
+NEG = -np.inf
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    logits = np.array([[2.0, -2.0, 1.0, 4.0]], dtype=np.float32)
+    out = apply_repetition_penalty(logits, [[0, 1, 1]], 2.0)
+    np.testing.assert_array_equal(out, [[1.0, -4.0, 1.0, 4.0]])
+    np.testing.assert_array_equal(logits, [[2.0, -2.0, 1.0, 4.0]])  # input untouched
+
+
+def test_repetition_penalty_is_per_row():
+    logits = np.ones((2, 3), dtype=np.float32)
+    out = apply_repetition_penalty(logits, [[0], [2]], 4.0)
+    np.testing.assert_array_equal(out, [[0.25, 1, 1], [1, 1, 0.25]])
+
+
+def test_suppress_eos_until_min_new_tokens():
+    logits = np.zeros((1, 3), dtype=np.float32)
+    assert suppress_eos(logits, 2, 0, 2)[0, 2] == NEG
+    assert suppress_eos(logits, 2, 2, 2)[0, 2] == 0
+
+
+def test_top_k_keeps_k_best_and_ties():
+    logits = np.array([[1.0, 3.0, 2.0, 3.0, 0.0]])
+    np.testing.assert_array_equal(apply_top_k(logits, 2), [[NEG, 3.0, NEG, 3.0, NEG]])
+    np.testing.assert_array_equal(apply_top_k(logits, 3), [[NEG, 3.0, 2.0, 3.0, NEG]])
+    np.testing.assert_array_equal(apply_top_k(logits, 0), logits)
+
+
+def test_top_p_smallest_set_reaching_p():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    logits = np.log(probs)
+    keep = lambda p: np.isfinite(apply_top_p(logits, p))[0].tolist()
+    assert keep(0.5) == [True, False, False, False]
+    assert keep(0.6) == [True, True, False, False]
+    assert keep(0.79) == [True, True, False, False]
+    assert keep(0.81) == [True, True, True, False]
+    assert keep(1e-9) == [True, False, False, False]  # at least one
+    assert keep(1.0) == [True] * 4
+
+
+def test_softmax_and_sample_respect_masked_tokens():
+    probs = softmax(np.array([[NEG, 0.0, NEG]]))
+    np.testing.assert_array_equal(probs, [[0, 1, 0]])
+    rng = np.random.default_rng(0)
+    assert all(sample(probs, rng)[0] == 1 for _ in range(50))
+
+
+def test_sampled_frequencies_follow_probabilities():
+    rng = np.random.default_rng(0)
+    probs = np.tile([[0.2, 0.5, 0.3]], (20000, 1))
+    counts = np.bincount(sample(probs, rng), minlength=3) / 20000
+    np.testing.assert_allclose(counts, [0.2, 0.5, 0.3], atol=0.02)
+
+
+def _params(**kw):
+    return SamplingParams.create(max_new_tokens=4, **kw)
+
+
+def test_greedy_is_argmax_after_penalty():
+    logits = np.array([[3.0, 2.0, 0.0]], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert next_tokens(logits, _params(), [[0]], 0, None, rng)[0] == 0
+    assert next_tokens(logits, _params(repetition_penalty=2.0), [[0]], 0, None, rng)[0] == 1
+
+
+def test_temperature_zero_with_sampling_is_greedy():
+    logits = np.array([[0.0, 0.1, 0.0]], dtype=np.float32)
+    params = _params(do_sample=True, temperature=0.0)
+    assert params.greedy
+    assert all(next_tokens(logits, params, [[]], 0, None, np.random.default_rng(s))[0] == 1 for s in range(20))
+
+
+def test_seeded_sampling_is_reproducible():
+    logits = np.random.default_rng(1).standard_normal((3, 50)).astype(np.float32)
+    params = _params(do_sample=True, temperature=1.5, top_k=20, top_p=0.9)
+    draw = lambda seed: [next_tokens(logits, params, [[]] * 3, 0, None, rng).tolist()
+                         for rng in [np.random.default_rng(seed)] for _ in range(10)]
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_min_new_tokens_blocks_eos_in_greedy():
+    logits = np.array([[0.0, 5.0]], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert next_tokens(logits, _params(min_new_tokens=2), [[]], 1, 1, rng)[0] == 0
+    assert next_tokens(logits, _params(min_new_tokens=2), [[]], 2, 1, rng)[0] == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+    ({"top_k": -1}, "top_k must be an integer >= 0, got -1"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 1, got 2.5"),
+    ({"min_new_tokens": -1}, "min_new_tokens must be an integer >= 0, got -1"),
+    ({"min_new_tokens": 9}, r"min_new_tokens must be <= max_new_tokens \(4\), got 9"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+])
+def test_validation_messages(kwargs, message):
+    settings = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(GenerationError, match=message):
+        SamplingParams.create(**settings)
+    with pytest.raises(ValueError):  # GenerationError is a ValueError too
+        SamplingParams.create(**settings)

@@ -1,0 +1,46 @@
+"""The runtime generates with torch, transformers and onnx made unimportable (the layering, enforced)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CONTINUATION
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCKED = ("torch", "transformers", "onnx", "exporter", "graphs", "onnxscript", "onnx_ir")
+
+# Installed before anything else: any import of a blocked top-level name (or its submodules) fails.
+CHILD = """
+import sys
+BLOCKED = {blocked!r}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is blocked: the runtime must not import it")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+import runtime
+model = runtime.load(sys.argv[1])
+text = model.generate("xa", max_new_tokens=20)
+pieces = "".join(model.stream("xa", max_new_tokens=20))
+from runtime.cli import main  # the CLI too
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not leaked, leaked
+sys.stdout.buffer.write((text + "|" + pieces).encode("utf-8"))
+"""
+
+
+def test_generate_without_torch_transformers_onnx(artifact):
+    result = subprocess.run([sys.executable, "-c", CHILD.format(blocked=BLOCKED), str(artifact)], cwd=ROOT,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode("utf-8") == f"{CONTINUATION}|{CONTINUATION}"
+
+
+def test_blocker_really_blocks():
+    code = CHILD.split("import runtime")[0] + "import onnx\n"
+    result = subprocess.run([sys.executable, "-c", code.format(blocked=BLOCKED)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0 and "onnx is blocked" in result.stderr
