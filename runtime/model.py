@@ -114,7 +114,7 @@ class Model:
         params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                               repetition_penalty, rows)
         stops = _normalize_stops(stop)
-        for _ in self._run(rows, params, seed, stops):
+        for _ in self._run(rows, params, seed, stops, live_text=bool(stops)):
             pass
         texts = [row.text for row in rows]
         tokens = [row.tokens for row in rows]
@@ -147,7 +147,7 @@ class Model:
 
     def _stream(self, rows: list, params: SamplingParams, seed, stops: list):
         row, emitted = rows[0], ""
-        for _ in self._run(rows, params, seed, stops):
+        for _ in self._run(rows, params, seed, stops, live_text=True):
             text = row.text if row.done else self._stable(row.text, stops)
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]
@@ -162,8 +162,12 @@ class Model:
         hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return text[:len(text) - hold]
 
-    def _run(self, rows: list, params: SamplingParams, seed, stops: list):
-        """Generate into `rows`, yielding after every step (rows' tokens/text/done are updated)."""
+    def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool):
+        """Generate into `rows`, yielding after every step.
+
+        Rows' tokens and done flags are updated every step; their text every step when `live_text` (streaming,
+        stop strings), otherwise once at the end, so plain generation does not re-decode a growing text.
+        """
         input_ids, mask = self._left_pad(rows)  # (B, L)
         position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
         seen = [list(ids) for ids in input_ids]  # transformers' penalty sees padding too
@@ -180,7 +184,7 @@ class Model:
             for row, ids, token, live in zip(rows, seen, tokens.tolist(), active):
                 ids.append(token)
                 if live:
-                    self._emit(row, token, stops)
+                    self._emit(row, token, stops, live_text)
             stats.new_tokens = step + 1
             stats.decode_s = time.perf_counter() - start - stats.prefill_s
             yield step
@@ -190,18 +194,26 @@ class Model:
             position_ids = position_ids[:, -1:] + 1  # (B, 1)
             logits = self.decoder.step(tokens[:, None], mask, position_ids, cache)
         stats.decode_s = time.perf_counter() - start - stats.prefill_s
+        if not live_text:
+            for row in rows:
+                row.text = self._decode([t for t in row.tokens if t != self.eos_token_id])
 
-    def _emit(self, row: _Row, token: int, stops: list) -> None:
+    def _emit(self, row: _Row, token: int, stops: list, live_text: bool) -> None:
         """Add one generated token to a live row: eos ends it; a stop string ends it and cuts its text."""
         row.tokens.append(token)
         if token == self.eos_token_id:
             row.done = True
             return
-        ids = row.tokens
-        row.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not live_text:
+            return
+        row.text = self._decode(row.tokens)
         cut = _stop_index(row.text, stops) if stops else None
         if cut is not None:
             row.text, row.done = row.text[:cut], True
+
+    def _decode(self, ids: list) -> str:
+        """Text of generated ids; special tokens are dropped, as `decode(..., skip_special_tokens=True)`."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- inputs ----------------------------------------------------------------------------------------------
 

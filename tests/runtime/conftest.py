@@ -10,8 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_artifact as fa  # noqa: E402
 
-# The greedy chain of the default artifact: after "a" it writes é, 你, an emoji, "!" and stops (eos).
-CONTINUATION = "é你😀!"
+from fake_artifact import CONTINUATION  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from runtime.manifest import write_manifest
 
 EOS = 256
+# The greedy chain of the tests' default artifact: after "a" it writes é, 你, an emoji, "!" and stops (eos).
+CONTINUATION = "é你😀!"
 VOCAB = 257
 NUM_LAYERS, NUM_HEADS, HEAD_SIZE = 2, 2, 4
 _ONNX_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONTINUATION
+from fake_artifact import CONTINUATION
 
 ROOT = Path(__file__).resolve().parents[2]
 

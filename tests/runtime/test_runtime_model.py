@@ -5,7 +5,7 @@ import pytest
 
 import fake_artifact as fa
 import runtime
-from conftest import CONTINUATION
+from fake_artifact import CONTINUATION
 from runtime.errors import GenerationError, ProviderError
 
 

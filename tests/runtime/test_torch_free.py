@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CONTINUATION
+from fake_artifact import CONTINUATION
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCKED = ("torch", "transformers", "onnx", "exporter", "graphs", "onnxscript", "onnx_ir")
