@@ -21,6 +21,7 @@ from runtime.manifest import FORMAT_VERSION, write_manifest
 from .presets import ExportError
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to model.onnx.data (protobuf limit)
+_INLINE_BYTES = 1024  # tensors this small stay in the graph: shape constants must be readable for shape inference
 MODEL_FILE, DATA_FILE, TOKENIZER_FILE = "model.onnx", "model.onnx.data", "tokenizer.json"
 STEPS = ["load", "trace", "passes", "save", "validate", "finish"]
 
@@ -84,7 +85,7 @@ def save_graph(ir_model, directory: Path, threshold: int) -> None:
 
     path = directory / MODEL_FILE
     if _weight_bytes(ir_model) > threshold:
-        ir.save(ir_model, str(path), external_data=DATA_FILE, size_threshold_bytes=0)
+        ir.save(ir_model, str(path), external_data=DATA_FILE, size_threshold_bytes=_INLINE_BYTES)
     else:
         ir.save(ir_model, str(path))
 

@@ -28,13 +28,51 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all (so an offline machine fails in seconds, not after retries)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _offline_error(model: str, why: str) -> ExportError:
+    return ExportError(f"cannot fetch {model!r} from the Hugging Face Hub ({why}); download it where there is "
+                       f"network and pass the local directory instead (gptexport /path/to/checkpoint), or use "
+                       f"--random-weights with a preset")
+
+
+def _hub_config(model: str):
+    """The config of a hub model: from the local HF cache if it is there, else from the hub."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: go to the hub
+        pass
+    if not hub_reachable():
+        raise _offline_error(model, "no network")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as err:  # noqa: BLE001 - missing repo, gated, network: all end the same way for the user
+        raise _offline_error(model, type(err).__name__) from None
+
+
 def resolve_config(model: str):
     """Return (config, name, source, where) for MODEL, with no weights loaded.
 
     Raises:
         ExportError: unknown name, unsupported architecture, or a hub id that cannot be fetched.
     """
-    from transformers import AutoConfig, GPT2Config, GPTJConfig
+    from transformers import AutoConfig, GPT2Config, GPTJConfig  # noqa: F401
 
     if model in PRESETS:
         preset = PRESETS[model]
@@ -46,14 +84,7 @@ def resolve_config(model: str):
             raise ExportError(f"{model!r} is a directory without config.json; pass a transformers checkpoint directory")
         return AutoConfig.from_pretrained(str(path)), path.resolve().name, "local", str(path)
     if _looks_like_hub_id(model):
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except Exception as err:  # noqa: BLE001 - offline, missing repo, gated: all end the same way for the user
-            raise ExportError(
-                f"cannot fetch {model!r} from the Hugging Face Hub ({type(err).__name__}); download it where there "
-                f"is network and pass the local directory instead: gptexport /path/to/checkpoint"
-            ) from None
-        return config, model.split("/")[-1], "hub", model
+        return _hub_config(model), model.split("/")[-1], "hub", model
     names = ", ".join(PRESETS)
     raise ExportError(f"unknown model {model!r}: pass a preset ({names}), a hub id (owner/name) or a local directory")
 
@@ -83,9 +114,10 @@ def load(model: str, random_weights: bool = False, seed: int = 0) -> Loaded:
         tokenizer = gpt2_tokenizer(config.vocab_size) if source == "preset" else checkpoint_tokenizer(where, config.vocab_size)
     else:
         where = where if source != "preset" else PRESETS[model].hub_id
+        offline = source != "local" and not hub_reachable()
         try:
             net = model_cls.from_pretrained(where, attn_implementation="eager", dtype=torch.float32,
-                                            trust_remote_code=False)
+                                            trust_remote_code=False, local_files_only=offline)
         except Exception as err:  # noqa: BLE001 - network or file errors become one line
             hint = " (or use --random-weights for an offline build)" if source != "local" else ""
             raise ExportError(f"cannot load the weights of {where!r}: {type(err).__name__}: "

@@ -53,4 +53,10 @@ def checkpoint_tokenizer(source: str, vocab_size: int) -> Tokenizer:
         fast = AutoTokenizer.from_pretrained(source, use_fast=True)
         return fast.backend_tokenizer
     except Exception:  # noqa: BLE001 - no tokenizer files at all: the GPT-2 vocabulary is the family's own
-        return gpt2_tokenizer(vocab_size)
+        pass
+    if vocab_size < GPT2_VOCAB_SIZE:
+        from .presets import ExportError
+
+        raise ExportError(f"{source!r} has no tokenizer and its vocab_size {vocab_size} is smaller than GPT-2's "
+                          f"{GPT2_VOCAB_SIZE}; add a tokenizer.json to the checkpoint directory")
+    return gpt2_tokenizer(vocab_size)

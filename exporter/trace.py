@@ -11,6 +11,10 @@ onnxruntime-genai use), then exported with torch.export (dynamo) with dynamic ba
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+
 import torch
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
@@ -84,7 +88,7 @@ def trace(model: torch.nn.Module, facts: dict):
                tuple({0: batch, 2: past} for _ in range(2 * layers)))
     from .traced_form import traced_form
 
-    with torch.no_grad(), traced_form(model, facts):
+    with torch.no_grad(), traced_form(model, facts), _quiet():
         program = torch.onnx.export(
             wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False,
             input_names=input_names(layers), output_names=output_names(layers),
@@ -92,6 +96,22 @@ def trace(model: torch.nn.Module, facts: dict):
     ir_model = program.model
     _name_total_axis(ir_model)
     return ir_model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export's warnings and log lines (torchvision ops, dim renames) say nothing to our users."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _name_total_axis(ir_model) -> None:

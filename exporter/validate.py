@@ -77,7 +77,7 @@ def greedy_check(model, tokenizer, artifact_dir: str, eos: int) -> dict:
     total, agreed, rows = 0, 0, []
     for prompts in cases:
         theirs = _hf_greedy(model, tokenizer, prompts, eos)
-        ours = rt.generate_tokens(prompts, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        _, ours = rt.generate(prompts, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, return_tokens=True)
         for prompt, a, b in zip(prompts, ours, theirs):
             same = _agreement(a, b)
             total, agreed = total + len(b), agreed + same

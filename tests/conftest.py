@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random checkpoints on disk (safetensors + tokenizer.json) and their exports.
+
+Each tiny architecture is saved as a real local checkpoint directory and exported once per session, so the
+tests exercise the same path a user takes with a downloaded model: local dir -> gptexport -> artifact.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("GPTEXPORT_CACHE_DIR", "/tmp/gptexport-test-cache")
+
+from tiny_models import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """name -> (checkpoint dir, artifact dir, manifest); each exported once, lazily."""
+    from exporter.build import ExportOptions, export
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            ckpt = root / "checkpoint"
+            ckpt.mkdir()
+            make_checkpoint(ckpt, name)
+            result = export(ExportOptions(model=str(ckpt), output=str(root / "artifact")))
+            cache[name] = (ckpt, result.output, result.manifest)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """name -> the transformers model reloaded from the tiny checkpoint (eager attention, fp32)."""
+    import transformers
+
+    def load(ckpt):
+        return transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="eager").eval()
+
+    return load
