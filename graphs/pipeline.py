@@ -1,0 +1,86 @@
+"""The fusion pipeline: rules in order, cleanup, a count per rule, and the counts each architecture must reach.
+
+    fuse(model, "gpt2", facts) -> FusionReport(counts={"rotary": 0, "attention": 12, ...}, rejections={...})
+    shortfalls(report, expected_counts("gpt2", facts)) -> ["attention: 11/12 fused; first rejection: ..."]
+
+The exporter records the counts in the manifest and, with --strict, refuses an artifact that falls short.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from .fusion import RULES
+from .fusion._match import MS_DOMAIN, RuleResult
+
+
+@dataclass
+class FusionReport:
+    """counts: rule -> rewrites made; rejections: rule -> one reason per candidate that did not fuse."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    rejections: dict[str, list[str]] = field(default_factory=dict)
+
+
+def expected_counts(architecture: str, facts: dict) -> dict[str, int]:
+    """The exact count every rule must reach on a graph traced by exporter/trace.py.
+
+    Args:
+        architecture: "gpt2" or "gptj" (exporter.presets.Architecture.name).
+        facts: the architecture facts; only num_layers is read.
+    Returns:
+        rule name -> count.
+    Raises:
+        ValueError: an architecture this pipeline does not know.
+    """
+    layers = facts["num_layers"]
+    if architecture == "gpt2":
+        # ln_1 of layer 0 (wte + wpe), ln_2 of every layer, ln_1 of layers 1.. and ln_f all read a sum.
+        return {"rotary": 0, "attention": layers, "skip_layernorm": 2 * layers + 1, "gelu": layers}
+    if architecture == "gptj":
+        # GPT-J: attention and MLP both read ln_1(x); ln_1 of layer 0 reads the embedding alone (no sum), the
+        # ln_1 of layers 1.. and ln_f read x + attn + mlp. Rotary: q and k of every layer.
+        return {"rotary": 2 * layers, "attention": layers, "skip_layernorm": layers, "gelu": layers}
+    raise ValueError(f"no fusion counts for architecture {architecture!r}; known: gpt2, gptj")
+
+
+def fuse(model: ir.Model, architecture: str, facts: dict) -> FusionReport:
+    """Apply every fusion rule in order (rotary before attention), then remove what became unused.
+
+    Args:
+        model: the traced graph, changed in place.
+        architecture: "gpt2" or "gptj"; recorded for expected_counts (the rules themselves are generic).
+        facts: the architecture facts.
+    Returns:
+        FusionReport with a count and the rejection reasons per rule.
+    """
+    report = FusionReport()
+    for name, rule in RULES:
+        result = RuleResult()
+        rule(model, result)
+        report.counts[name] = result.count
+        report.rejections[name] = result.rejections
+    _cleanup(model)
+    return report
+
+
+def _cleanup(model: ir.Model) -> None:
+    for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+              common.TopologicalSortPass()):
+        p(model)
+    if any(n.domain == MS_DOMAIN for n in model.graph):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+def shortfalls(report: FusionReport, expected: dict[str, int]) -> list[str]:
+    """One line per rule whose count differs from the expected one, naming it and its first rejection."""
+    lines = []
+    for name, want in expected.items():
+        got = report.counts.get(name, 0)
+        if got != want:
+            reasons = report.rejections.get(name) or ["no candidate found"]
+            lines.append(f"{name}: {got}/{want} fused; first rejection: {reasons[0]}")
+    return lines
