@@ -36,6 +36,7 @@ class ExportOptions:
     validate: bool = True
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     dtype: str = "float32"
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -158,7 +159,7 @@ def export(opts: ExportOptions, on_step=None) -> ExportResult:
 
     report = _Reporter(on_step)
     if opts.output is None:
-        _, name, _, _ = resolve_config(opts.model)
+        _, name, _, _ = resolve_config(opts.model, opts.trust_remote_code)
         opts.output = default_output(name, opts.dtype)
     target = Path(opts.output).expanduser().resolve()
     _check_target(target, opts.force)
@@ -176,7 +177,8 @@ def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) ->
     from .trace import trace
 
     with report.step("load"):
-        loaded = load(opts.model, random_weights=opts.random_weights, seed=opts.seed)
+        loaded = load(opts.model, random_weights=opts.random_weights, seed=opts.seed,
+                      trust_remote_code=opts.trust_remote_code)
         facts = loaded.architecture.facts(loaded.model.config)
     with report.step("trace"):
         ir_model = trace(loaded.model, facts)

@@ -58,12 +58,14 @@ def _summary(result) -> str:
 @click.option("--no-validate", is_flag=True, help="Skip validation against torch (recorded in the manifest).")
 @click.option("--external-data-threshold", type=click.IntRange(min=0), default=None,
               help="Bytes of weights above which they go to model.onnx.data (default 2 GB).")
-def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold):
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the checkpoint's own Python code to run (never done without this flag).")
+def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
     opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
-                         validate=not no_validate)
+                         validate=not no_validate, trust_remote_code=trust_remote_code)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())

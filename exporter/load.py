@@ -1,7 +1,7 @@
 """Load the torch model to export: a preset, a hub id, or a local checkpoint directory.
 
 Loading executes no code from the checkpoint: safetensors where they exist, `torch.load` only with
-`weights_only=True` (transformers' default), and never `trust_remote_code`.
+`weights_only=True` (transformers' default), and never the checkpoint's own code unless `--trust-remote-code`.
 """
 
 from __future__ import annotations
@@ -50,23 +50,23 @@ def _offline_error(model: str, why: str) -> ExportError:
                        f"--random-weights with a preset")
 
 
-def _hub_config(model: str):
+def _hub_config(model: str, trust_remote_code: bool = False):
     """The config of a hub model: from the local HF cache if it is there, else from the hub."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model, local_files_only=True)
+        return AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - not cached: go to the hub
         pass
     if not hub_reachable():
         raise _offline_error(model, "no network")
     try:
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception as err:  # noqa: BLE001 - missing repo, gated, network: all end the same way for the user
         raise _offline_error(model, type(err).__name__) from None
 
 
-def resolve_config(model: str):
+def resolve_config(model: str, trust_remote_code: bool = False):
     """Return (config, name, source, where) for MODEL, with no weights loaded.
 
     Raises:
@@ -82,20 +82,26 @@ def resolve_config(model: str):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ExportError(f"{model!r} is a directory without config.json; pass a transformers checkpoint directory")
-        return AutoConfig.from_pretrained(str(path)), path.resolve().name, "local", str(path)
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as err:  # noqa: BLE001 - unreadable config, unknown model_type, custom code refused
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ExportError(f"cannot read the config of {model!r}: {first}") from None
+        return config, path.resolve().name, "local", str(path)
     if _looks_like_hub_id(model):
-        return _hub_config(model), model.split("/")[-1], "hub", model
+        return _hub_config(model, trust_remote_code), model.split("/")[-1], "hub", model
     names = ", ".join(PRESETS)
     raise ExportError(f"unknown model {model!r}: pass a preset ({names}), a hub id (owner/name) or a local directory")
 
 
-def load(model: str, random_weights: bool = False, seed: int = 0) -> Loaded:
+def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_code: bool = False) -> Loaded:
     """Load MODEL for export.
 
     Args:
         model: a preset name, a hub id or a local checkpoint directory.
         random_weights: build the architecture with seeded random weights instead of loading any (no network).
         seed: the torch seed of the random weights.
+        trust_remote_code: allow a checkpoint's own Python code (off unless the user passes the flag).
     Raises:
         ExportError: see `resolve_config`, or weights that cannot be loaded.
     """
@@ -104,7 +110,7 @@ def load(model: str, random_weights: bool = False, seed: int = 0) -> Loaded:
 
     from .tokenizer import checkpoint_tokenizer, gpt2_tokenizer
 
-    config, name, source, where = resolve_config(model)
+    config, name, source, where = resolve_config(model, trust_remote_code)
     arch = architecture_for(config)
     config._attn_implementation = "eager"
     model_cls = getattr(transformers, arch.model_class)
@@ -117,7 +123,7 @@ def load(model: str, random_weights: bool = False, seed: int = 0) -> Loaded:
         offline = source != "local" and not hub_reachable()
         try:
             net = model_cls.from_pretrained(where, attn_implementation="eager", dtype=torch.float32,
-                                            trust_remote_code=False, local_files_only=offline)
+                                            trust_remote_code=trust_remote_code, local_files_only=offline)
         except Exception as err:  # noqa: BLE001 - network or file errors become one line
             hint = " (or use --random-weights for an offline build)" if source != "local" else ""
             raise ExportError(f"cannot load the weights of {where!r}: {type(err).__name__}: "
