@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from .errors import ArtifactError, GenerationError
 from .manifest import read_manifest
+from .onnx_refs import check_external_data
 from .sampling import SamplingParams, next_tokens
 from .session import Decoder, create_session
 
@@ -277,6 +278,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto") -> Model:
         tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
     except Exception as e:  # tokenizers raises a bare Exception
         raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {e}") from None
+    check_external_data(directory, MODEL_FILE, manifest["files"])  # before onnxruntime opens any file
     session = create_session(directory / MODEL_FILE, provider)
     return Model(manifest, tokenizer, Decoder(session, provider, manifest))
 
