@@ -131,3 +131,35 @@ def test_seeded_sampling_is_reproducible(tiny_export):
     c = model.generate(["Hello world"], seed=8, **kwargs, return_tokens=True)[1]
     assert a == b
     assert a != c, "different seeds gave the same 12 sampled tokens"
+
+
+TORCH_FREE_CHILD = """
+import json, sys
+BLOCKED = {"torch", "transformers", "onnx", "onnx_ir", "onnxscript", "exporter", "graphs"}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(name + " is blocked")
+
+sys.meta_path.insert(0, Blocker())
+import runtime
+_, tokens = runtime.load(sys.argv[1]).generate(json.loads(sys.argv[2]), max_new_tokens=8, min_new_tokens=8,
+                                                 return_tokens=True)
+assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+print(json.dumps(tokens))
+"""
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary"])
+def test_real_artifact_generates_without_torch(tiny_export, hf_model, name):
+    """A real export, run in a process where torch, transformers and onnx cannot be imported, gives HF's tokens."""
+    import subprocess
+    import sys
+
+    ckpt, artifact, _ = tiny_export(name)
+    proc = subprocess.run([sys.executable, "-c", TORCH_FREE_CHILD, str(artifact), json.dumps(PADDED)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tokenizer = Tokenizer.from_file(str(artifact / "tokenizer.json"))
+    assert json.loads(proc.stdout) == hf_greedy(hf_model(ckpt), tokenizer, PADDED, 8)
