@@ -4,6 +4,7 @@ Every error a user can cause (bad artifact, bad argument, click usage error) is 
 `gptrun: error: ...`, with exit code 2 and no traceback.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def main(argv=None) -> int:
         code = _fail("aborted")
     except BrokenPipeError:
         code = 0
+    except Exception as e:  # noqa: BLE001 - an unattended server gets one line, never a traceback
+        if os.environ.get("GPTEXPORT_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        code = _fail(f"internal error: {type(e).__name__}: {first} (set GPTEXPORT_DEBUG=1 for a traceback)")
     sys.exit(code or 0)
 
 

@@ -12,6 +12,7 @@ as transformers' processor does.
 """
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,39 @@ def _stop_index(text: str, stops: list):
 def _normalize_stops(stop) -> list:
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else [None]
     if any(not isinstance(s, str) or not s for s in stops):
-        raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
+        raise GenerationError(f"stop strings must be non-empty strings (a str or a list of str), got {_short(stop)}")
+    for s in stops:
+        _check_text("stop string", s)
     return stops
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_text(what: str, text: str) -> None:
+    """Refuse a str that is not valid Unicode (a lone surrogate: e.g. invalid UTF-8 bytes on a command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{what} is not valid UTF-8 text (lone surrogate {text[e.start]!r} at index "
+                              f"{e.start})") from None
+
+
+def _check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise GenerationError(f"seed must be None or an integer >= 0, got {_short(seed)}")
+
+
+def _artifact_path(artifact_dir) -> Path:
+    if isinstance(artifact_dir, bytes):
+        artifact_dir = os.fsdecode(artifact_dir)
+    if not isinstance(artifact_dir, (str, os.PathLike)):
+        raise ArtifactError(f"artifact_dir must be a path, got {type(artifact_dir).__name__}")
+    return Path(artifact_dir)
 
 
 class Model:
@@ -115,6 +145,7 @@ class Model:
         params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                               repetition_penalty, rows)
         stops = _normalize_stops(stop)
+        _check_seed(seed)
         for _ in self._run(rows, params, seed, stops, live_text=bool(stops)):
             pass
         texts = [row.text for row in rows]
@@ -142,6 +173,7 @@ class Model:
         rows = self._encode(prompt)
         params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                               repetition_penalty, rows)
+        _check_seed(seed)
         return self._stream(rows, params, seed, _normalize_stops(stop))
 
     # -- the loop --------------------------------------------------------------------------------------------
@@ -160,7 +192,9 @@ class Model:
     def _stable(text: str, stops: list) -> str:
         """The prefix of `text` that cannot change: no trailing U+FFFD, no trailing partial stop string."""
         text = text.rstrip(_REPLACEMENT)
-        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        # k <= len(text): a huge stop string costs O(len(text)) per step, not O(len(stop)) slices
+        hold = max((k for s in stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
+                   default=0)
         return text[:len(text) - hold]
 
     def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool):
@@ -226,6 +260,7 @@ class Model:
             raise GenerationError("prompt list is empty")
         rows = []
         for i, text in enumerate(prompts):
+            _check_text("prompt" if isinstance(prompt, str) else f"prompt {i} of the list", text)
             ids = self.tokenizer.encode(text).ids if text else []
             if not ids:
                 where = "" if isinstance(prompt, str) else f" (prompt {i} of the list)"
@@ -269,7 +304,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto") -> Model:
         ArtifactError: the artifact is incomplete, modified, newer, or not loadable.
         ProviderError: the provider is unknown or unavailable.
     """
-    directory = Path(artifact_dir)
+    directory = _artifact_path(artifact_dir)
     manifest = read_manifest(directory, verify=verify)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if name not in manifest["files"]:
@@ -284,6 +319,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto") -> Model:
 
 
 _LOADED: dict = {}
+_LOADED_LOCK = threading.Lock()
 
 
 def generate(artifact_dir, prompt, provider: str = "cpu", **kwargs):
@@ -294,7 +330,9 @@ def generate(artifact_dir, prompt, provider: str = "cpu", **kwargs):
     Raises:
         ArtifactError, ProviderError, GenerationError: as `load` and `Model.generate`.
     """
-    key = (os.path.realpath(artifact_dir), provider)
-    if key not in _LOADED:
-        _LOADED[key] = load(artifact_dir, provider=provider)
-    return _LOADED[key].generate(prompt, **kwargs)
+    key = (os.path.realpath(_artifact_path(artifact_dir)), repr(provider))
+    with _LOADED_LOCK:  # threads calling generate() at once load the artifact once
+        if key not in _LOADED:
+            _LOADED[key] = load(artifact_dir, provider=provider)
+        model = _LOADED[key]
+    return model.generate(prompt, **kwargs)

@@ -151,8 +151,8 @@ def external_data_locations(model_path) -> list:
                 finally:
                     view.release()
     except _Malformed as e:
-        raise ArtifactError(f"{path} is not a valid ONNX protobuf (malformed field at byte {e.args[0]}); "
-                            "re-run gptexport") from None
+        raise ArtifactError(f"onnxruntime could not load {path}: not a valid ONNX protobuf (malformed field at "
+                            f"byte {e.args[0]}); re-run gptexport") from None
     except OSError as e:
         raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
     try:

@@ -38,6 +38,8 @@ class SamplingParams:
         Raises:
             GenerationError: one line naming the bad value and what is accepted.
         """
+        if not isinstance(do_sample, (bool, np.bool_)):
+            raise GenerationError(f"do_sample must be True or False, got {do_sample!r}")
         _check_int("max_new_tokens", max_new_tokens, 1)
         _check_int("min_new_tokens", min_new_tokens, 0)
         if min_new_tokens > max_new_tokens:
@@ -85,7 +87,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: list, penalty: float) -> 
     for row, ids in enumerate(seen):
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         score = out[row, ids]
-        out[row, ids] = np.where(score < 0, score * penalty, score / penalty)
+        with np.errstate(over="ignore", divide="ignore"):  # an extreme penalty saturates at +-inf or 0
+            out[row, ids] = np.where(score < 0, score * penalty, score / penalty)
     return out
 
 
@@ -146,9 +149,18 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (-inf entries get probability 0)."""
-    x = logits.astype(np.float64)
-    x = x - np.max(x, axis=-1, keepdims=True)
+    """Row-wise softmax in float64 (-inf entries get probability 0).
+
+    Never NaN: NaN scores count as -inf, a row with +inf scores (e.g. an extreme repetition penalty overflowed)
+    shares its mass among them, and a row with nothing finite is uniform.
+    """
+    x = np.where(np.isnan(logits), -np.inf, logits.astype(np.float64))
+    top = np.max(x, axis=-1, keepdims=True)
+    if not np.isfinite(top).all():
+        x = np.where(np.isposinf(top), np.where(np.isposinf(x), 0.0, -np.inf), x)
+        x = np.where(np.isneginf(top), 0.0, x)
+        top = np.max(x, axis=-1, keepdims=True)
+    x = x - top
     e = np.exp(x)
     return e / np.sum(e, axis=-1, keepdims=True)
 
@@ -184,7 +196,10 @@ def next_tokens(logits: np.ndarray, params: SamplingParams, seen: list, generate
     scores = suppress_eos(scores, eos_token_id, generated, params.min_new_tokens)
     if params.greedy:
         return np.argmax(scores, axis=-1).astype(np.int64)
-    scores = scores / np.float32(params.temperature) if params.temperature != 1.0 else scores
+    if params.temperature != 1.0:  # shifted by the max first, so a tiny temperature gives -inf, never inf or NaN
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            top = np.max(scores, axis=-1, keepdims=True)
+            scores = (scores - np.where(np.isfinite(top), top, 0)) / np.float64(params.temperature)
     scores = apply_top_k(scores, params.top_k)
     scores = apply_top_p(scores, params.top_p)
     return sample(softmax(scores), rng)

@@ -40,7 +40,7 @@ def resolve_providers(provider: str) -> list:
     Raises:
         ProviderError: unknown name, or CUDA requested but this onnxruntime has no CUDA provider.
     """
-    if provider not in PROVIDERS:
+    if not isinstance(provider, str) or provider not in PROVIDERS:
         raise ProviderError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
     if provider == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise ProviderError("provider 'cuda' requested but this onnxruntime has no CUDAExecutionProvider "
@@ -62,10 +62,14 @@ def create_session(model_path, provider: str = "cpu") -> ort.InferenceSession:
     """
     providers = resolve_providers(provider)
     try:
-        return ort.InferenceSession(str(model_path), sess_options=session_options(), providers=providers)
+        session = ort.InferenceSession(str(model_path), sess_options=session_options(), providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"onnxruntime could not load {model_path}: {first}") from None
+    if providers[0] not in session.get_providers():  # onnxruntime-gpu without a usable GPU falls back silently
+        raise ProviderError(f"provider {provider!r} requested but onnxruntime could not use {providers[0]} "
+                            "here (no device or driver?); use --provider cpu")
+    return session
 
 
 def kv_names(input_names: list) -> list:

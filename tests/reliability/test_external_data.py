@@ -187,7 +187,7 @@ def test_scanner_on_garbage_raises_only_artifact_error(tmp_path, data):
 def test_truncated_model_is_one_clear_error(tmp_path, fake_built):
     data = (fake_built / "model.onnx").read_bytes()
     (tmp_path / "m.onnx").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ArtifactError, match="is not a valid ONNX protobuf"):
+    with pytest.raises(ArtifactError, match="not a valid ONNX protobuf"):
         external_data_locations(tmp_path / "m.onnx")
 
 
