@@ -7,15 +7,20 @@ Rules run in this order (rotary first: attention then sees RotaryEmbedding outpu
     skip_layernorm  residual Add + LayerNorm          -> SkipLayerNormalization (+ a MatMul's bias)
     gelu            gelu_new (tanh approximation)     -> FastGelu (+ a MatMul's bias)
 
-Kernels on onnxruntime's CPU provider (checked on onnxruntime 1.32; for whoever does fp16 next):
-    RotaryEmbedding         float and float16 CPU kernels (MLFloat16 registered in contrib_ops/cpu/bert).
-    MultiHeadAttention      float and float16 CPU kernels; fp16 attention_bias must also be fp16.
-    SkipLayerNormalization  float and float16 CPU kernels (fp16 math done in fp32 internally).
-    FastGelu                float only on CPU: an fp16 graph needs FastGelu left in fp32 with Casts around it,
-                            or the unfused tanh formula, or the CUDA provider (which has fp16).
-    GroupQueryAttention     (not used, see attention.py) float and float16 CPU kernels.
-Keep these in step with graphs/fusion/tests of fp16 once that exists; verify with tests/graphs/test_fp16_kernels
-(TODO) rather than trusting this comment.
+Kernels on onnxruntime's CPU provider, for whoever does fp16 next (checked on onnxruntime 1.32 by
+tests/graphs/test_contrib_kernels.py, which builds each op as we emit it and runs it in float32 and float16):
+    RotaryEmbedding         float and float16 CPU kernels (3D input with num_heads, interleaved=1, partial dim);
+                            cos_cache / sin_cache must have the input's dtype.
+    MultiHeadAttention      float and float16 CPU kernels, with attention_bias (B, 1, T, P+T) and past/present;
+                            the bias must have the model dtype, so a fp16 graph needs fp16's min (-65504), not
+                            fp32's, as its "masked" value (transformers' eager mask in fp16 already is).
+                            GPT-J's fp32 scores (traced_form casts q and k up) are not expressible: MHA's fp16
+                            kernel accumulates QK^T itself; check for overflow on real GPT-J weights.
+    SkipLayerNormalization  float and float16 CPU kernels; outputs 1 and 2 (mean, inv std) are float32 whatever the
+                            input dtype, so leave them unnamed (we do not use them).
+    FastGelu                float and float16 CPU kernels.
+    GroupQueryAttention     float and float16 CPU kernels but head_size must be a multiple of 8, and seqlens_k assumes
+                            right padding; not emitted (MultiHeadAttention takes our left-padded mask as is).
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def _rewrite(graph: ir.Graph, m: dict, caches) -> None:
     rot = ms_node("RotaryEmbedding", [m["x3"], m["position_ids"], *caches],
                   dict(interleaved=1, num_heads=m["num_heads"], rotary_embedding_dim=m["rotary_dim"]),
                   f"{prefix}/RotaryEmbedding")
+    rot.outputs[0].name = f"{prefix}/RotaryEmbedding/output_0"
     back = ir.Node("", "Reshape", [rot.outputs[0], m["head_shape"]], name=f"{prefix}/Reshape")
     anchor = m["replaces"].producer()
     graph.insert_before(anchor, [rot, back])

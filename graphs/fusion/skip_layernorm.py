@@ -65,7 +65,8 @@ def _rewrite(graph: ir.Graph, m: dict) -> None:
     inputs = [m["input"], m["skip"], ln.inputs[1], ln.inputs[2]] + ([m["bias"]] if m["bias"] is not None else [])
     sln = ms_node("SkipLayerNormalization", inputs, dict(epsilon=eps.value if eps is not None else 1e-5),
                   f"{prefix}/SkipLayerNorm", num_outputs=4)
-    y, _, _, total = sln.outputs
+    y, mean, inv_std, total = sln.outputs
+    mean.name = inv_std.name = ""  # unused; float32 even in a float16 graph
     y.name, total.name = f"{prefix}/SkipLayerNorm/output_0", f"{prefix}/SkipLayerNorm/output_3"
     for value, old in ((y, ln.outputs[0]), (total, m["add"].outputs[0])):
         value.type, value.shape = old.type, old.shape
