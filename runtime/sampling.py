@@ -6,6 +6,7 @@ and a draw. Every function works on a (batch, vocab) float array; randomness com
 `numpy.random.Generator`, so a seed reproduces a run exactly.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,10 +66,13 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def _check_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(value):
+    try:  # float() of a huge int overflows; np.isfinite of one beyond int64 raises TypeError
+        number = float(value) if isinstance(value, (int, float, np.integer, np.floating)) else math.nan
+    except OverflowError:
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
         raise GenerationError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: list, penalty: float) -> np.ndarray:

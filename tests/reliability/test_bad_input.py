@@ -12,7 +12,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import runtime
@@ -68,6 +68,8 @@ def _one_line_error(call):
 
 @settings(max_examples=300, **SETTINGS)
 @given(prompt=prompts, kwargs=settings_)
+@example(prompt="0", kwargs={"temperature": -2**63 - 1})  # beyond int64: np.isfinite raised TypeError
+@example(prompt="a", kwargs={"top_p": 10**400})  # float() overflows
 def test_api_generate_bad_input(fake_model, prompt, kwargs):
     result = _one_line_error(lambda: fake_model.generate(prompt, **kwargs))
     if result is not None:
