@@ -1,0 +1,108 @@
+"""A SIGKILLed export never leaves anything that looks complete.
+
+`python -m exporter.cli` runs on a tiny local checkpoint and is killed (SIGKILL: no cleanup handler runs) at a
+series of points: as soon as its hidden staging directory appears (found by polling, no hooks), and, made
+deterministic by a hook that pauses the child, right after the graph is written and right after the first
+manifest.json is written into the staging directory. Afterwards the target must not exist and no leftover
+hidden staging directory may hold a manifest.json (the runtime would accept it as a finished artifact).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import runtime
+from runtime.errors import ArtifactError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs `python -m exporter.cli ARGS`, but first wraps one exporter.build function so that, once it has returned,
+# the child prints a marker and sleeps until it is killed.
+HOOKED = """
+import runpy, sys, time
+import exporter.build as build
+point = sys.argv.pop(1)
+real = getattr(build, point)
+def paused(*args, **kwargs):
+    result = real(*args, **kwargs)
+    print("PAUSED", flush=True)
+    time.sleep(600)
+    return result
+setattr(build, point, paused)
+sys.argv[0] = "gptexport"
+runpy.run_module("exporter.cli", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tiny_models import make_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(ckpt, "gpt2")
+    return ckpt
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def _staging_dirs(parent: Path, name: str) -> list:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.") and p.is_dir()]
+
+
+def _assert_nothing_complete(parent: Path, target: Path) -> list:
+    assert not target.exists(), f"{target} exists after a killed export"
+    visible = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
+    assert visible == [], visible
+    leftovers = _staging_dirs(parent, target.name)
+    for staging in leftovers:
+        assert not (staging / "manifest.json").exists(), \
+            f"killed export left {staging.name}/manifest.json: the runtime would load it as complete"
+        with pytest.raises(ArtifactError, match="not a complete gptexport artifact"):
+            runtime.load(staging)
+    return leftovers
+
+
+def test_sigkill_as_soon_as_staging_appears(checkpoint, tmp_path):
+    target = tmp_path / "artifact"
+    child = subprocess.Popen([sys.executable, "-m", "exporter.cli", str(checkpoint), "-o", str(target)], cwd=ROOT,
+                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _staging_dirs(tmp_path, target.name):
+            assert child.poll() is None, "the export ended before its staging directory was seen"
+            assert time.monotonic() < deadline, "no staging directory appeared"
+            time.sleep(0.002)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(30)
+    assert len(_assert_nothing_complete(tmp_path, target)) == 1
+
+
+@pytest.mark.parametrize("point", [
+    "save_graph",
+    pytest.param("write_manifest", marks=pytest.mark.xfail(
+        strict=True, reason="exporter/build.py writes manifest.json into the staging dir before validation "
+                            "(validate loads it with runtime.load), so a kill then leaves a loadable hidden dir; "
+                            "reported to the lead")),
+])
+def test_sigkill_mid_export(checkpoint, tmp_path, point):
+    target = tmp_path / "artifact"
+    child = subprocess.Popen([sys.executable, "-c", HOOKED, point, str(checkpoint), "-o", str(target)], cwd=ROOT,
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()  # blocks until the hook pauses the child (or it dies)
+        assert line.strip() == "PAUSED", child.stderr.read()
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(30)
+    leftovers = _assert_nothing_complete(tmp_path, target)
+    assert len(leftovers) == 1 and (leftovers[0] / "model.onnx").exists()  # it really was killed mid-way
