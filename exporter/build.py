@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runtime.manifest import FORMAT_VERSION, write_manifest
 
+from .passes import run_passes
 from .presets import ExportError
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to model.onnx.data (protobuf limit)
@@ -37,6 +38,8 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     dtype: str = "float32"
     trust_remote_code: bool = False
+    fuse: bool = True
+    strict: bool = False
 
 
 @dataclass
@@ -63,7 +66,7 @@ class _Reporter:
 
 
 def default_output(name: str, dtype: str) -> str:
-    short = {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
+    short = {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)  # int8, int4 as they are
     return f"{name}-onnx-{short}"
 
 
@@ -183,7 +186,8 @@ def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) ->
     with report.step("trace"):
         ir_model = trace(loaded.model, facts)
     with report.step("passes"):
-        passes = {"fused": False, "counts": {}}
+        passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
+                            strict=opts.strict)
     with report.step("save"):
         save_graph(ir_model, staging, opts.external_data_threshold)
         loaded.tokenizer.save(str(staging / TOKENIZER_FILE))
@@ -201,7 +205,7 @@ def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) ->
             raise ExportError(
                 f"validation failed: logits max abs diff {v['logits_max_abs_diff']:.3g} "
                 f"(tolerance {v['logits_tolerance']}), greedy agreement {v['greedy_agreement']:.3f} "
-                f"(required {v['min_greedy_agreement']}); nothing was written"
+                f"(required {v['min_greedy_agreement']}); nothing was written (--no-validate skips the check)"
             )
     with report.step("finish"):
         manifest["timings"] = dict(report.timings)

@@ -37,8 +37,13 @@ def _summary(result) -> str:
     lines = [f"artifact: {result.output}",
              f"model: {m['model']['name']} ({m['model']['architecture']}, {m['config']['num_layers']} layers), "
              f"dtype {m['dtype']}, {sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB"]
-    counts = m["passes"].get("counts") or {}
-    lines.append("passes: " + (", ".join(f"{k}={n}" for k, n in counts.items()) if counts else "passes: none"))
+    passes = m["passes"]
+    counts = passes.get("counts") or {}
+    expected = passes.get("expected") or {}
+    shown = [f"{k}={n}" + (f"/{expected[k]}" if k in expected else "") for k, n in counts.items()]
+    lines.append("passes: " + (", ".join(shown) if shown else "none") + ("" if passes.get("fused") else " (not fused)"))
+    for short in passes.get("shortfalls") or []:
+        lines.append(f"WARNING fusion fell short: {short}")
     if v.get("skipped"):
         lines.append("validation: skipped (--no-validate)")
     else:
@@ -46,7 +51,7 @@ def _summary(result) -> str:
                      f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}), presents "
                      f"{v['present_max_abs_diff']:.3g}, greedy agreement {v['greedy_agreement']:.3f} over "
                      f"{len(v['greedy_cases'])} prompts (incl. a left-padded batch)")
-    return "\n".join(lines).replace("passes: passes:", "passes:")
+    return "\n".join(lines)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,12 +65,20 @@ def _summary(result) -> str:
               help="Bytes of weights above which they go to model.onnx.data (default 2 GB).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow the checkpoint's own Python code to run (never done without this flag).")
-def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code):
+@click.option("--fp16", "dtype", flag_value="float16", help="Weights and KV cache in float16 (overflow-prone parts in fp32).")
+@click.option("--int8", "dtype", flag_value="int8", help="int8 weights, dynamic int8 MatMul (CPU).")
+@click.option("--int4", "dtype", flag_value="int4", help="4-bit block-quantized weights (MatMulNBits, block 32).")
+@click.option("--fp32", "dtype", flag_value="float32", default=True, help="float32 (the default).")
+@click.option("--no-fuse", is_flag=True, help="Skip the fusion passes (standard ONNX ops only).")
+@click.option("--strict", is_flag=True, help="Fail when a fusion rule falls short of its expected count.")
+def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code, dtype,
+        no_fuse, strict):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
     opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
-                         validate=not no_validate, trust_remote_code=trust_remote_code)
+                         validate=not no_validate, trust_remote_code=trust_remote_code, dtype=dtype,
+                         fuse=not no_fuse, strict=strict)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())
