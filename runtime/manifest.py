@@ -9,10 +9,18 @@ Verification policy (`read_manifest(dir, verify=...)`):
 - ``"size"``: check that every listed file exists with the listed size; no hashing.
 - ``"auto"`` (default): check sizes always, and hash fully unless a previous full verification of the same file is
   cached. The cache lives in ``$GPTEXPORT_CACHE_DIR/verified.json`` (default ``~/.cache/gptexport``) and is keyed
-  by the file's realpath; an entry stores (size, mtime_ns, inode, sha256 from the manifest) and is used only when
-  all four still match, so any rewrite, touch, copy or manifest change forces a fresh hash. This makes reloading
-  a 12 GB artifact fast while still catching modification. Failures to read or write the cache are ignored
-  (the cache is an optimisation, never a source of trust beyond those four facts).
+  by the file's realpath; an entry stores (size, mtime_ns, ctime_ns, inode, device, sha256 from the manifest) and
+  is used only when all still match, so any rewrite, touch, copy or manifest change forces a fresh hash. ctime
+  matters: an in-place rewrite keeps the inode and `os.utime` can restore the mtime, but nothing short of
+  changing the clock restores the ctime. This makes reloading a 12 GB artifact fast while still catching
+  modification. A file that changes while it is hashed is not cached.
+
+  The cache is itself an input an attacker could forge, so it is trusted only when the file and its directory
+  belong to this user and are not writable by group or others (and neither is a symlink); otherwise every load
+  hashes in full. Writes go to a temp file and ``os.replace`` (readers never see half a file); concurrent
+  writers merge with the file as it is at save time (a lost race costs a re-hash, never a false "verified").
+  Failures to read or write the cache are ignored: it is an optimisation, never a source of trust beyond the
+  facts above.
 
 Every file named in ``files`` must be a plain name inside the directory (no separator, no ``..``, not absolute,
 not a symlink), so a manifest cannot point the runtime (or ONNX external data) outside the artifact.
@@ -34,6 +42,7 @@ REQUIRED_KEYS = ("format_version", "model", "config", "dtype", "kv_dtype", "inpu
 REQUIRED_CONFIG_KEYS = ("num_layers", "num_heads", "head_size", "vocab_size", "max_positions")
 _CHUNK = 16 * 1024 * 1024
 _CACHE_NAME = "verified.json"
+_CACHE_ENTRIES = 4096  # files remembered; the oldest are dropped
 
 
 def file_entry(path) -> dict:
@@ -173,7 +182,7 @@ def _check_name(directory: Path, name: str) -> Path:
 
 def _verify_files(directory: Path, files: dict, verify: str) -> None:
     cache = _load_cache() if verify == "auto" else {}
-    changed = False
+    changed = {}
     for name, entry in files.items():
         path = _check_name(directory, name)
         if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
@@ -186,15 +195,20 @@ def _verify_files(directory: Path, files: dict, verify: str) -> None:
                                 "the artifact was modified or truncated")
         if verify == "size":
             continue
-        key, stamp = os.path.realpath(path), [st.st_size, st.st_mtime_ns, st.st_ino, entry["sha256"]]
+        key, stamp = os.path.realpath(path), _stamp(st, entry["sha256"])
         if verify == "auto" and cache.get(key) == stamp:
             continue
         if file_entry(path)["sha256"] != entry["sha256"]:
             raise ArtifactError(f"checksum of {name} does not match the manifest: "
                                 "the artifact was modified or corrupted")
-        cache[key], changed = stamp, True
+        if _stamp(path.stat(), entry["sha256"]) == stamp:  # not modified while it was being hashed
+            changed[key] = stamp
     if verify == "auto" and changed:
-        _save_cache(cache)
+        _save_cache(changed)
+
+
+def _stamp(st: os.stat_result, sha256) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, sha256]
 
 
 def cache_path() -> Path:
@@ -203,21 +217,48 @@ def cache_path() -> Path:
     return Path(root) / _CACHE_NAME
 
 
-def _load_cache() -> dict:
+def _trusted(path: Path) -> bool:
+    """Owned by this user, not a symlink, not writable by group or others (else someone else could forge it)."""
     try:
-        data = json.loads(cache_path().read_text(encoding="utf-8"))
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):
+        return not os.path.islink(path)
+    return not os.path.islink(path) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _load_cache() -> dict:
+    path = cache_path()
+    if not (_trusted(path.parent) and _trusted(path)):
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def _save_cache(cache: dict) -> None:
+def _save_cache(new: dict) -> None:
+    """Merge `new` entries into the cache file as it is now (other processes may have added theirs) and replace it."""
     path = cache_path()
+    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _trusted(path.parent) or (os.path.lexists(path) and not _trusted(path)):
+            return  # never write into a cache others could read back as trusted
+        cache = _load_cache()
+        for key, stamp in new.items():
+            cache.pop(key, None)
+            cache[key] = stamp  # most recent last, so trimming drops the oldest
+        cache = dict(list(cache.items())[-_CACHE_ENTRIES:])
         fd, tmp = tempfile.mkstemp(prefix=".verified.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(cache, f)
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass  # an unwritable cache only costs a re-hash next time
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
