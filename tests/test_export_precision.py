@@ -1,0 +1,74 @@
+"""Every precision × fused/unfused, for GPT-2 and GPT-J, exported end to end and validated against torch fp32.
+
+The exporter's own validation runs inside each export (logits against torch on a padded batch with a past and a
+prefill without; greedy tokens against transformers' generate, single prompts and a left-padded batch); these
+tests check its verdict against the named tolerances, the graph's op inventory and the manifest's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+
+import runtime
+from exporter.build import ExportOptions, export
+from graphs.pipeline import expected_counts
+from graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
+
+ARCHS = {"gpt2": "gpt2", "gptj-partial-rotary": "gptj"}
+DTYPES = ["float32", "float16", "int8", "int4"]
+# The op each precision must introduce (and how many per layer at least), checked on the saved graph.
+PRECISION_OP = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}
+FUSED_OPS = {"MultiHeadAttention", "SkipLayerNormalization", "FastGelu"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from tiny_models import make_checkpoint
+
+    dirs = {}
+    for name in ARCHS:
+        d = tmp_path_factory.mktemp(f"ckpt-{name}")
+        make_checkpoint(d, name)
+        dirs[name] = d
+    return dirs
+
+
+@pytest.mark.parametrize("name,dtype,fuse", list(itertools.product(ARCHS, DTYPES, [True, False])))
+def test_precision_and_fusion_matrix(checkpoints, tmp_path, name, dtype, fuse):
+    out = tmp_path / "artifact"
+    result = export(ExportOptions(model=str(checkpoints[name]), output=str(out), dtype=dtype, fuse=fuse))
+    m = result.manifest
+    v = m["validation"]
+    assert v["passed"], v
+    assert v["logits_max_abs_diff"] <= LOGITS_ATOL[dtype], (
+        f"{name} {dtype} fused={fuse}: logits worst |diff| {v['logits_max_abs_diff']} > {LOGITS_ATOL[dtype]}")
+    assert v["greedy_agreement"] >= MIN_GREEDY_AGREEMENT[dtype]
+    assert np.isfinite(v["logits_max_abs_diff"]) and np.isfinite(v["present_max_abs_diff"])
+    assert m["dtype"] == dtype
+    assert m["kv_dtype"] == ("float16" if dtype == "float16" else "float32")
+    assert m["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", m["outputs"][0]["shape"][2]]}
+
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    layers = m["config"]["num_layers"]
+    passes = m["passes"]
+    if fuse:
+        expected = expected_counts(ARCHS[name], m["config"])
+        assert {k: passes["counts"][k] for k in expected} == expected
+        assert passes["shortfalls"] == []
+        assert ops["MultiHeadAttention"] == layers
+        assert ops["RotaryEmbedding"] == (2 * layers if ARCHS[name] == "gptj" else 0)
+    else:
+        assert not FUSED_OPS & set(ops), f"unfused graph has fused ops: {FUSED_OPS & set(ops)}"
+        assert passes["counts"].get("attention") is None
+    if dtype in PRECISION_OP:
+        # q/k/v (or c_attn), out projection, two MLP matmuls per layer, and the LM head
+        assert ops[PRECISION_OP[dtype]] >= 2 * layers + 1, ops
+
+    # The artifact runs through the runtime and yields text.
+    model = runtime.load(str(out))
+    assert model.generate(["Hello", "Once upon a time"], max_new_tokens=4, min_new_tokens=4)
