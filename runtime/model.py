@@ -206,7 +206,7 @@ class Model:
         input_ids, mask = self._left_pad(rows)  # (B, L)
         position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
         seen = [list(ids) for ids in input_ids]  # transformers' penalty sees padding too
-        cache = self.decoder.new_cache(len(rows))
+        cache = self.decoder.new_cache(len(rows), capacity=input_ids.shape[1] + params.max_new_tokens)
         rng = np.random.default_rng(seed)
         stats = self.last_stats = Stats(batch=len(rows), prompt_tokens=int(input_ids.shape[1]))
         start = time.perf_counter()

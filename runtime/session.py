@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ArtifactError, ProviderError
+from .kv import SharedKVCache, shared_step
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -144,11 +145,17 @@ class Decoder:
         self.kv_dtype = KV_DTYPES[manifest["kv_dtype"]]
         self.input_names = [i.name for i in session.get_inputs()]
         self.pairs = kv_names(self.input_names)
+        # graphs/shared_kv.py variant: max-length buffers written in place (runtime/kv.py)
+        self.shared = manifest.get("kv_layout") == "shared_buffer"
+        special = manifest.get("special_tokens", {})
+        self.pad_token_id = next((t for t in (special.get("pad_token_id"), special.get("eos_token_id"))
+                                  if t is not None), 0)
         self._check_graph(manifest)
 
     def _check_graph(self, manifest: dict) -> None:
         outputs = {o.name for o in self.session.get_outputs()}
-        needed = ["input_ids", "attention_mask", "position_ids"]
+        needed = (["input_ids", "position_ids", "seqlens_k", "total_sequence_length", "logits_index"]
+                  if self.shared else ["input_ids", "attention_mask", "position_ids"])
         missing = [n for n in needed if n not in self.input_names]
         missing += [p for _, p in self.pairs if p not in outputs] + ([] if "logits" in outputs else ["logits"])
         if missing or len(self.pairs) != 2 * manifest["config"]["num_layers"]:
@@ -156,8 +163,11 @@ class Decoder:
                                 f"{', '.join(missing) or 'none'}; {len(self.pairs)} past tensors for "
                                 f"{manifest['config']['num_layers']} layers)")
 
-    def new_cache(self, batch: int) -> KVCache:
-        """An empty cache for `batch` rows on this decoder's device."""
+    def new_cache(self, batch: int, capacity: int = 0) -> KVCache:
+        """An empty cache for `batch` rows on this decoder's device (`capacity` slots per row: shared_buffer)."""
+        if self.shared:
+            return SharedKVCache(self.pairs, batch, self.num_heads, self.head_size, capacity, self.kv_dtype,
+                                 self.provider)
         cls = DeviceKVCache if self.provider == "cuda" else KVCache
         return cls(self.pairs, batch, self.num_heads, self.head_size, self.kv_dtype)
 
@@ -173,6 +183,8 @@ class Decoder:
         Returns:
             (B, S, vocab) logits on the host.
         """
+        if isinstance(cache, SharedKVCache):  # (B, 1, vocab): each row's last position only
+            return shared_step(self.session, cache, input_ids, attention_mask, position_ids, self.pad_token_id)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if self.provider == "cuda":
             return self._step_bound(feeds, cache)

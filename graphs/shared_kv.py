@@ -1,0 +1,197 @@
+"""A decode graph whose KV cache is written in place: MultiHeadAttention -> GroupQueryAttention (shared buffer).
+
+The default artifact graph (docs/ARTIFACT.md) concatenates past and new K/V every step, so every decode step
+copies the whole cache. This rule rewrites a fused graph into the "shared_kv" variant:
+
+    MultiHeadAttention(q3, k3, v3, bias=mask, past_k, past_v) ─▶ out, present.i.key, present.i.value
+becomes
+    GroupQueryAttention(q3, k3, v3, past_k, past_v, seqlens_k, total_sequence_length) ─▶ out, present.i.key, ...
+
+with the past inputs (batch, num_heads, max_sequence, head_size) buffers that the runtime binds as the presents
+too (IO binding, same OrtValue): onnxruntime writes each row's new K/V at slot seqlens_k[b] and nothing else moves.
+Rows are right-padded (each row's cache is contiguous from slot 0), so the additive mask is no longer an input
+of attention; causality and each row's length come from seqlens_k. And the logits are gathered before lm_head:
+
+    hidden (B, T, D) ─GatherElements(axis 1, logits_index (B,) broadcast to (B, 1, D))─▶ (B, 1, D) ─▶ lm_head
+
+so prefill computes the vocabulary projection for one position per row (each row's last real token).
+
+New graph inputs: seqlens_k int32 (batch,) = each row's total length - 1; total_sequence_length int32 scalar =
+the longest row's total length; logits_index int64 (batch,). attention_mask is removed (unused).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .fusion._match import MS_DOMAIN, Reject, RuleResult, ensure_ms_opset
+
+NAME = "shared_kv"
+SEQLENS, TOTAL, LOGITS_INDEX = "seqlens_k", "total_sequence_length", "logits_index"
+_NORMS = {("", "LayerNormalization"), (MS_DOMAIN, "SkipLayerNormalization"), (MS_DOMAIN, "LayerNormalization")}
+
+
+def _mha_to_gqa(graph: ir.Graph, mha: ir.Node, seqlens: ir.Value, total: ir.Value) -> None:
+    q3, k3, v3 = mha.inputs[:3]
+    past_k, past_v = (mha.inputs[6], mha.inputs[7]) if len(mha.inputs) > 7 else (None, None)
+    if past_k is None or past_k not in graph.inputs or past_v not in graph.inputs:
+        raise Reject("past key/value are not graph inputs")
+    if any(mha.inputs[i] is not None for i in (3, 4) if i < len(mha.inputs)):
+        raise Reject("MultiHeadAttention has a bias or a key padding mask (only an additive mask is replaced)")
+    if k3 is None or v3 is None or (k3.shape is not None and len(k3.shape) != 3):
+        raise Reject("key/value are not (B, T, D) projections")
+    heads = mha.attributes["num_heads"].as_int()
+    attrs = [ir.AttrInt64("num_heads", heads), ir.AttrInt64("kv_num_heads", heads)]
+    if "scale" in mha.attributes:
+        attrs.append(ir.AttrFloat32("scale", mha.attributes["scale"].as_float()))
+    gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention", [q3, k3, v3, past_k, past_v, seqlens, total], attrs,
+                  num_outputs=3, name=mha.name.replace("MultiHeadAttention", "GroupQueryAttention"))
+    graph.insert_before(mha, gqa)
+    for old, new in zip(mha.outputs, gqa.outputs):
+        name, new.type, new.shape = old.name, old.type, old.shape
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name, new.name = f"{name}_mha", name
+    graph.remove(mha, safe=True)
+
+
+def _lm_head_input(graph: ir.Graph) -> ir.Value:
+    """The (B, T, D) value that lm_head reads: the last norm's output, through single-consumer Reshapes."""
+    logits = next((o for o in graph.outputs if o.name == "logits"), None)
+    if logits is None:
+        raise Reject("graph has no logits output")
+    norms = [n for n in graph if (n.domain, n.op_type) in _NORMS]
+    if not norms:
+        raise Reject("no final LayerNormalization before lm_head")
+    value = norms[-1].outputs[0]
+    while len(value.consumers()) == 1 and value.consumers()[0].op_type == "Reshape":
+        value = value.consumers()[0].outputs[0]
+    return value
+
+
+def _gather_last(graph: ir.Graph, hidden: ir.Value, index: ir.Value) -> None:
+    """hidden (B, T, D) -> (B, 1, D) at index[b] per row; every reader of hidden reads the gathered value."""
+    prefix = "/model/logits_index"
+
+    def const(name, values):
+        value = ir.Value(name=f"{prefix}/{name}", const_value=ir.tensor(values, dtype=ir.DataType.INT64))
+        graph.register_initializer(value)
+        return value
+
+    users = list(hidden.consumers())
+    shape = ir.Node("", "Shape", [hidden], name=f"{prefix}/Shape")
+    keep = ir.Node("", "Mul", [shape.outputs[0], const("keep", [1, 0, 1])], name=f"{prefix}/Mul")
+    one = ir.Node("", "Add", [keep.outputs[0], const("one", [0, 1, 0])], name=f"{prefix}/Add")  # (B, 1, D)
+    idx = ir.Node("", "Reshape", [index, const("col", [-1, 1, 1])], name=f"{prefix}/Reshape")  # (B, 1, 1)
+    wide = ir.Node("", "Expand", [idx.outputs[0], one.outputs[0]], name=f"{prefix}/Expand")  # (B, 1, D)
+    gather = ir.Node("", "GatherElements", [hidden, wide.outputs[0]], [ir.AttrInt64("axis", 1)],
+                     name=f"{prefix}/GatherElements")
+    for node in (shape, keep, one, idx, wide, gather):
+        node.outputs[0].name = f"{node.name}/output_0"  # explicit: auto names could collide with the graph's
+    graph.insert_before(users[0], [shape, keep, one, idx, wide, gather])
+    for user in users:
+        for i, value in enumerate(user.inputs):
+            if value is hidden:
+                user.replace_input_with(i, gather.outputs[0])
+
+
+def to_shared_kv(model: ir.Model, result: RuleResult | None = None) -> int:
+    """Rewrite a fused graph into the shared_kv variant (see the module docstring).
+
+    Args:
+        model: a graph fused by graphs.pipeline (every attention a MultiHeadAttention), changed in place.
+        result: collects the count and one reason per rejected candidate.
+    Returns:
+        The number of attentions rewritten.
+    Raises:
+        Reject: the graph cannot become the variant (no MultiHeadAttention, an attention that does not fit,
+            no lm_head input found); nothing is half-rewritten for the attention checks.
+    """
+    result = result if result is not None else RuleResult()
+    graph = model.graph
+    mhas = [n for n in graph if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN]
+    pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.")]
+    if not mhas or 2 * len(mhas) != len(pasts):
+        raise Reject(f"{len(mhas)} MultiHeadAttention nodes for {len(pasts)} past inputs: fuse the graph first")
+    hidden = _lm_head_input(graph)
+    batch = pasts[0].shape[0] if pasts[0].shape is not None else "batch"
+    seqlens = ir.Value(name=SEQLENS, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch]))
+    total = ir.Value(name=TOTAL, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    index = ir.Value(name=LOGITS_INDEX, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([batch]))
+    ensure_ms_opset(model)
+    for mha in mhas:
+        _mha_to_gqa(graph, mha, seqlens, total)
+        result.count += 1
+    _gather_last(graph, hidden, index)
+    graph.inputs.extend([seqlens, total, index])
+    for value in [v for v in graph.inputs if v.name == "attention_mask"]:
+        _remove_mask(graph, value)
+    for value in graph.inputs:
+        if value.name.startswith("past_key_values."):
+            value.shape = ir.Shape([batch, value.shape[1], "max_sequence", value.shape[3]])
+    for value in graph.outputs:
+        if value.name.startswith("present."):
+            value.shape = ir.Shape([batch, value.shape[1], "max_sequence", value.shape[3]])
+        if value.name == "logits":
+            value.shape = ir.Shape([batch, 1, value.shape[2]])
+    return result.count
+
+
+def _remove_mask(graph: ir.Graph, mask: ir.Value) -> None:
+    """Drop the attention_mask input and the nodes that only computed the additive mask from it."""
+    changed = True
+    while changed:  # remove nodes none of whose outputs is read, sinks first
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not o.consumers() and o not in graph.outputs for o in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    if not mask.consumers():
+        graph.inputs.remove(mask)
+    for name, value in list(graph.initializers.items()):
+        if not value.consumers() and value not in graph.outputs:
+            del graph.initializers[name]
+
+
+def write_artifact(source, target) -> int:
+    """Copy the artifact at `source` to `target` with its model.onnx rewritten into the shared_kv variant.
+
+    The manifest gains `"kv_layout": "shared_buffer"`, the variant's inputs/outputs and the new file entry, so
+    the runtime verifies it like any artifact. Until the exporter offers the variant (a flag running
+    `to_shared_kv` after fusion and precision), this is how one is made.
+
+    Returns:
+        The number of attentions rewritten.
+    Raises:
+        Reject: see `to_shared_kv`.
+    """
+    import hashlib
+    import json
+    import shutil
+    from pathlib import Path
+
+    source, target = Path(source), Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    model = ir.load(source / "model.onnx")
+    count = to_shared_kv(model)
+    external = any(p.name == "model.onnx.data" for p in source.iterdir())
+    ir.save(model, target / "model.onnx", external_data="model.onnx.data" if external else None)
+    shutil.copy2(source / "tokenizer.json", target / "tokenizer.json")
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["kv_layout"] = "shared_buffer"
+    manifest.setdefault("passes", {}).setdefault("counts", {})[NAME] = count
+    dtypes = {ir.DataType.INT64: "int64", ir.DataType.INT32: "int32", ir.DataType.FLOAT: "float32",
+              ir.DataType.FLOAT16: "float16"}
+
+    def spec(values):
+        return [{"name": v.name, "dtype": dtypes.get(v.dtype, str(v.dtype)),
+                 "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
+
+    manifest["inputs"], manifest["outputs"] = spec(model.graph.inputs), spec(model.graph.outputs)
+    manifest["files"] = {}
+    for path in sorted(target.iterdir()):
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": digest}
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return count
