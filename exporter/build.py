@@ -40,6 +40,7 @@ class ExportOptions:
     trust_remote_code: bool = False
     fuse: bool = True
     strict: bool = False
+    stream: bool | None = None  # stream weights into the file (None: only when the model does not fit in memory)
 
 
 @dataclass
@@ -136,6 +137,44 @@ def _session(directory: Path):
     return ort.InferenceSession(str(directory / MODEL_FILE), options, providers=["CPUExecutionProvider"])
 
 
+def write_artifact(loaded, facts: dict, opts: ExportOptions, directory: Path, report: _Reporter) -> dict:
+    """Trace, passes and save into `directory`; the same code for in-memory and streamed weights.
+
+    Returns:
+        the manifest written (validation not yet run).
+    """
+    from .trace import trace
+
+    with report.step("trace"):
+        try:
+            ir_model = trace(loaded.model, facts, loaded.weights)
+        except KeyError as err:
+            raise ExportError(f"cannot stream the weights: {err.args[0]}") from None
+    with report.step("passes"):
+        passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
+                            strict=opts.strict)
+    with report.step("save"):  # streamed weights are read, converted and written here, one at a time
+        save_graph(ir_model, directory, opts.external_data_threshold)
+        loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
+        manifest = _manifest(loaded, facts, ir_model, opts, passes)
+        write_manifest(directory, manifest)
+    return manifest
+
+
+def _validate(loaded, facts: dict, opts: ExportOptions, staging: Path, manifest: dict) -> dict:
+    """Against torch when the model is in memory; else the reduced-config check plus a structural check."""
+    eos = manifest["special_tokens"]["eos_token_id"]
+    if loaded.weights is None:
+        from .validate import validate
+
+        result = validate(loaded.model, facts, loaded.tokenizer, str(staging), _session(staging), opts.dtype, eos)
+        result["method"] = "full: this artifact against its torch model"
+        return result
+    from .validate import validate_streamed
+
+    return validate_streamed(loaded, facts, opts, staging, manifest, eos)
+
+
 def _publish(staging: Path, target: Path) -> None:
     """Move the finished staging dir into place; an existing target (only with --force) goes last."""
     old = None
@@ -177,29 +216,14 @@ def export(opts: ExportOptions, on_step=None) -> ExportResult:
 
 
 def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) -> dict:
-    from .trace import trace
-
     with report.step("load"):
         loaded = load(opts.model, random_weights=opts.random_weights, seed=opts.seed,
-                      trust_remote_code=opts.trust_remote_code)
+                      trust_remote_code=opts.trust_remote_code, stream=opts.stream)
         facts = loaded.architecture.facts(loaded.model.config)
-    with report.step("trace"):
-        ir_model = trace(loaded.model, facts)
-    with report.step("passes"):
-        passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
-                            strict=opts.strict)
-    with report.step("save"):
-        save_graph(ir_model, staging, opts.external_data_threshold)
-        loaded.tokenizer.save(str(staging / TOKENIZER_FILE))
-        manifest = _manifest(loaded, facts, ir_model, opts, passes)
-        write_manifest(staging, manifest)
+    manifest = write_artifact(loaded, facts, opts, staging, report)
     if opts.validate:
         with report.step("validate"):
-            from .validate import validate
-
-            eos = manifest["special_tokens"]["eos_token_id"]
-            manifest["validation"] = validate(loaded.model, facts, loaded.tokenizer, str(staging),
-                                              _session(staging), opts.dtype, eos)
+            manifest["validation"] = _validate(loaded, facts, opts, staging, manifest)
         if not manifest["validation"]["passed"]:
             v = manifest["validation"]
             raise ExportError(
@@ -208,6 +232,8 @@ def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) ->
                 f"(required {v['min_greedy_agreement']}); nothing was written (--no-validate skips the check)"
             )
     with report.step("finish"):
+        if loaded.weights is not None:
+            manifest["streamed"] = True
         manifest["timings"] = dict(report.timings)
         write_manifest(staging, manifest)
     return json.loads((staging / "manifest.json").read_text())

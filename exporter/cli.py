@@ -71,14 +71,17 @@ def _summary(result) -> str:
 @click.option("--fp32", "dtype", flag_value="float32", default=True, help="float32 (the default).")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes (standard ONNX ops only).")
 @click.option("--strict", is_flag=True, help="Fail when a fusion rule falls short of its expected count.")
+@click.option("--stream/--no-stream", default=None,
+              help="Stream weights one tensor at a time into the file, never holding the model (default: only when "
+                   "the model does not fit in memory twice).")
 def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code, dtype,
-        no_fuse, strict):
+        no_fuse, strict, stream):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
     opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
                          validate=not no_validate, trust_remote_code=trust_remote_code, dtype=dtype,
-                         fuse=not no_fuse, strict=strict)
+                         fuse=not no_fuse, strict=strict, stream=stream)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())

@@ -21,6 +21,9 @@ class Loaded:
     tokenizer: object  # tokenizers.Tokenizer
     random_weights: bool
     seed: int | None
+    # Streaming export (models larger than memory): `model` has empty parameters and the graph reads its weights
+    # from here when it is saved (exporter/stream.py); None when `model` holds the weights.
+    weights: object | None = None
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -94,7 +97,8 @@ def resolve_config(model: str, trust_remote_code: bool = False):
     raise ExportError(f"unknown model {model!r}: pass a preset ({names}), a hub id (owner/name) or a local directory")
 
 
-def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_code: bool = False) -> Loaded:
+def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_code: bool = False,
+         stream: bool | None = None) -> Loaded:
     """Load MODEL for export.
 
     Args:
@@ -102,6 +106,8 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         random_weights: build the architecture with seeded random weights instead of loading any (no network).
         seed: the torch seed of the random weights.
         trust_remote_code: allow a checkpoint's own Python code (off unless the user passes the flag).
+        stream: load no weights; the graph streams them at save time (None: only when the model does not fit,
+            see stream.fits_in_memory).
     Raises:
         ExportError: see `resolve_config`, or weights that cannot be loaded.
     """
@@ -114,6 +120,12 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
     arch = architecture_for(config)
     config._attn_implementation = "eager"
     model_cls = getattr(transformers, arch.model_class)
+    if stream is None:
+        from .stream import fits_in_memory, parameter_count
+
+        stream = not fits_in_memory(parameter_count(model_cls, config))
+    if stream:
+        return _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed)
     if random_weights:
         torch.manual_seed(seed)
         net = model_cls(config)
@@ -131,3 +143,32 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         tokenizer = checkpoint_tokenizer(where, config.vocab_size)
     net.eval()
     return Loaded(net, arch, name, source, tokenizer, random_weights, seed if random_weights else None)
+
+
+def _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed) -> Loaded:
+    """The model with empty parameters and where its weights will come from (random, or safetensors files)."""
+    from . import stream
+    from .tokenizer import checkpoint_tokenizer, gpt2_tokenizer
+
+    net = stream.empty_model(model_cls, config)
+    if random_weights:
+        weights = stream.RandomWeights.for_model(net, seed)
+        tokenizer = gpt2_tokenizer(config.vocab_size) if source == "preset" else checkpoint_tokenizer(where, config.vocab_size)
+        return Loaded(net, arch, name, source, tokenizer, True, seed, weights)
+    directory = where if source == "local" else _hub_snapshot(PRESETS[model].hub_id if source == "preset" else where)
+    try:
+        weights = stream.SafetensorsWeights(directory)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot stream the weights of {where!r}: {err}") from None
+    return Loaded(net, arch, name, source, checkpoint_tokenizer(directory, config.vocab_size), False, None, weights)
+
+
+def _hub_snapshot(hub_id: str) -> str:
+    """A local directory with the hub model's config, tokenizer and safetensors (from the cache when offline)."""
+    from huggingface_hub import snapshot_download
+
+    offline = not hub_reachable()
+    try:
+        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"], local_files_only=offline)
+    except Exception as err:  # noqa: BLE001 - network or missing files end the same way for the user
+        raise _offline_error(hub_id, type(err).__name__) from None

@@ -70,14 +70,18 @@ def example_inputs(facts: dict, batch=_EXAMPLE_BATCH, seq=_EXAMPLE_SEQ, past=_EX
     return (ids, mask, positions, *pasts)
 
 
-def trace(model: torch.nn.Module, facts: dict):
+def trace(model: torch.nn.Module, facts: dict, weights=None):
     """Export the model with torch.export and return the ONNX graph as an `onnx_ir.Model`.
 
     Args:
         model: a transformers GPT-2 / GPT-J causal LM in eval mode with eager attention.
         facts: the architecture facts (`Architecture.facts`).
+        weights: where the weights are when `model` has empty parameters (exporter/stream.py); the graph's
+            initializers then read from it when saved.
     Returns:
         onnx_ir.Model with inputs/outputs named per docs/ARTIFACT.md and named dynamic axes.
+    Raises:
+        KeyError: `weights` lacks a parameter of the model, or has it in another shape.
     """
     layers = facts["num_layers"]
     wrapper = FlatDecoder(model).eval()
@@ -88,14 +92,37 @@ def trace(model: torch.nn.Module, facts: dict):
                tuple({0: batch, 2: past} for _ in range(2 * layers)))
     from .traced_form import traced_form
 
-    with torch.no_grad(), traced_form(model, facts), _quiet():
+    with torch.no_grad(), traced_form(model, facts), _quiet(), _weights_not_folded():
         program = torch.onnx.export(
             wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False,
             input_names=input_names(layers), output_names=output_names(layers),
         )
     ir_model = program.model
+    from .stream import attach_weights, fold_weight_transposes
+
+    if weights is not None:
+        attach_weights(ir_model, model, weights)  # before the fold, which transposes what is attached
+    fold_weight_transposes(ir_model)
     _name_total_axis(ir_model)
     return ir_model
+
+
+@contextlib.contextmanager
+def _weights_not_folded():
+    """Keep torch.onnx's optimizer from computing Transpose(weight) into new initializers.
+
+    It would read every weight (all of GPT-J-6B in memory, twice) and give the result a name (val_123) that no
+    longer says which parameter it is; stream.fold_weight_transposes does the same fold lazily, keeping the name.
+    """
+    from onnxscript.optimizer import _constant_folding as folding
+
+    blacklist, always = folding.DEFAULT_CONSTANT_FOLD_BLACKLIST, folding._DEFAULT_ALWAYS_FOLD_OPS
+    folding.DEFAULT_CONSTANT_FOLD_BLACKLIST = [*blacklist, "Transpose"]
+    folding._DEFAULT_ALWAYS_FOLD_OPS = frozenset()
+    try:
+        yield
+    finally:
+        folding.DEFAULT_CONSTANT_FOLD_BLACKLIST, folding._DEFAULT_ALWAYS_FOLD_OPS = blacklist, always
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ transformers' `generate`, prompt by prompt and as one left-padded batch of diffe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -111,3 +113,91 @@ def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: s
 
 
 __all__ = ["validate", "ExportError", "LOGITS_ATOL", "MIN_GREEDY_AGREEMENT"]
+
+
+# ---- models too large to hold twice (streamed exports) -----------------------------------------------------------
+
+REDUCED_LAYERS, REDUCED_HEADS = 2, 4
+STREAMED_METHOD = ("reduced: the same code path (empty-parameter trace, streamed weights, same passes, same writer "
+                   "with external data) exported for a reduced config of the same architecture ({layers} layers, "
+                   "{heads} heads of the same head size, same rotary_dim, vocab and positions) with seeded random "
+                   "weights and fully validated against torch; plus a structural check of this artifact (I/O names, "
+                   "fusion counts, every external tensor's length and place in the data file)")
+
+
+def reduced_config(config):
+    """Same architecture and per-head shapes, fewer layers and heads: small enough to validate in memory."""
+    import copy
+
+    small = copy.deepcopy(config)
+    head_size = config.n_embd // config.n_head
+    small.n_layer, small.n_head = min(config.n_layer, REDUCED_LAYERS), min(config.n_head, REDUCED_HEADS)
+    small.n_embd = small.n_head * head_size
+    if getattr(config, "n_inner", None):
+        small.n_inner = config.n_inner * small.n_embd // config.n_embd
+    return small
+
+
+def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict, eos: int) -> dict:
+    """Validate a streamed export without ever holding the model: see STREAMED_METHOD.
+
+    Returns:
+        the manifest's `validation` section: the reduced export's full validation, `structural`, `method`.
+    """
+    import dataclasses
+    import tempfile
+
+    from . import stream
+    from .build import _Reporter, _session, write_artifact
+
+    config = reduced_config(loaded.model.config)
+    model_cls = type(loaded.model)
+    small = dataclasses.replace(loaded, model=stream.empty_model(model_cls, config), name=f"{loaded.name}-reduced")
+    small.weights = stream.RandomWeights.for_model(small.model, seed=loaded.seed or 0)
+    small_facts = loaded.architecture.facts(config)
+    with tempfile.TemporaryDirectory(prefix=".reduced-", dir=artifact.parent) as tmp:
+        write_artifact(small, small_facts, dataclasses.replace(opts, external_data_threshold=0), Path(tmp),
+                       _Reporter())
+        reference = model_cls(config).eval()
+        stream.materialise(reference, small.weights)
+        result = validate(reference, small_facts, loaded.tokenizer, tmp, _session(Path(tmp)), opts.dtype, eos)
+    result["reduced_config"] = small_facts
+    result["structural"] = structural_check(artifact, facts, manifest)
+    result["passed"] = bool(result["passed"] and result["structural"]["passed"])
+    result["method"] = STREAMED_METHOD.format(layers=small_facts["num_layers"], heads=small_facts["num_heads"])
+    return result
+
+
+def structural_check(artifact: Path, facts: dict, manifest: dict) -> dict:
+    """The graph's I/O names, the fusion counts, and every external tensor's length and place, read without the
+    weights (the graph file only, and the data file's size)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from .build import DATA_FILE, MODEL_FILE
+    from .trace import output_names
+
+    proto = onnx.load(str(Path(artifact) / MODEL_FILE), load_external_data=False)
+    layers, problems = facts["num_layers"], []
+    if [v.name for v in proto.graph.input] != input_names(layers):
+        problems.append("graph inputs differ from docs/ARTIFACT.md")
+    if [v.name for v in proto.graph.output] != output_names(layers):
+        problems.append("graph outputs differ from docs/ARTIFACT.md")
+    problems += [f"fusion: {s}" for s in manifest["passes"].get("shortfalls") or []]
+    data = Path(artifact) / DATA_FILE
+    data_size = data.stat().st_size if data.exists() else 0
+    end, by_dtype = 0, {}
+    for tensor in proto.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        size = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+        by_dtype[dtype.name] = by_dtype.get(dtype.name, 0) + size
+        if uses_external_data(tensor):
+            info = {e.key: e.value for e in tensor.external_data}
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+            if length != size:
+                problems.append(f"{tensor.name}: {length} bytes in the data file, its shape needs {size}")
+            end = max(end, offset + length)
+    if end > data_size:
+        problems.append(f"external tensors reach byte {end}, {DATA_FILE} has {data_size}")
+    return {"passed": not problems, "problems": problems, "initializer_bytes_by_dtype": by_dtype,
+            "data_file_bytes": data_size, "fusion_counts": manifest["passes"].get("counts", {})}

@@ -190,26 +190,66 @@ class _Converter:
     def _half_weight(self, value: ir.Value) -> ir.Value:
         """The float16 version of a float32 initializer: in place if every user is float16, else a copy."""
         users = [u.node for u in value.uses() if u.node.op_type not in _SHAPE_ONLY]
-        array = value.const_value.numpy()
-        clamped = np.isfinite(array) & (np.abs(array) > _HALF_MAX)
-        if clamped.any():
-            self.report[value.name] = f"clamped {int(clamped.sum())} values beyond float16 range to +-{_HALF_MAX:g}"
+        half = self._lazy_half(value)
         if all(u not in self.fp32 for u in users) and value not in self.graph.outputs:
-            value.const_value = ir.tensor(_to_half(array), name=value.name)
+            value.const_value = half(value.name)
             value.dtype = HALF
             self.converted += 1
             return value
         if value not in self.copies:
             copy = ir.Value(name=f"{value.name}_fp16", shape=value.shape, type=ir.TensorType(HALF),
-                            const_value=ir.tensor(_to_half(array), name=f"{value.name}_fp16"))
+                            const_value=half(f"{value.name}_fp16"))
             self.graph.register_initializer(copy)
             self.copies[value] = copy
             self.converted += 1
         return self.copies[value]
 
 
+    def _lazy_half(self, value: ir.Value):
+        """name -> the float16 tensor of `value`, converted when it is read (when the model is saved).
+
+        The weights may not be in memory (exporter/stream.py streams them from a checkpoint): a tensor already in
+        memory is checked for clamping now; a lazy one reports its clamped values when it is written.
+        """
+        source, report, key = value.const_value, self.report, value.name
+
+        def convert() -> np.ndarray:
+            array = source.numpy()
+            clamped = sum(int((np.isfinite(part) & (np.abs(part) > _HALF_MAX)).sum()) for part in _chunks(array))
+            if clamped:
+                report[key] = f"clamped {clamped} values beyond float16 range to +-{_HALF_MAX:g}"
+            return _to_half(array)
+
+        if not isinstance(source, ir.LazyTensor):
+            array = convert()
+            return lambda name: ir.tensor(array, name=name)
+        return lambda name: ir.LazyTensor(lambda: ir.tensor(convert()), dtype=HALF,
+                                          shape=ir.Shape(source.shape), name=name)
+
+
+_CHUNK = 1 << 24  # values converted at a time: temporaries of 64 MB, not the size of the largest weight
+
+
+def _chunks(array: np.ndarray):
+    """Views of about _CHUNK values each, along the first axis (the whole array when it is small)."""
+    if array.ndim == 0 or array.size <= _CHUNK:
+        yield array
+        return
+    rows = max(1, _CHUNK // (array.size // array.shape[0]))
+    for start in range(0, array.shape[0], rows):
+        yield array[start:start + rows]
+
+
 def _to_half(array: np.ndarray) -> np.ndarray:
-    return np.clip(array, -_HALF_MAX, _HALF_MAX).astype(np.float16) if array.size else array.astype(np.float16)
+    """float16, clamped to its finite range; C-contiguous, converted in chunks of rows."""
+    if array.ndim == 0 or array.size <= _CHUNK:
+        return np.ascontiguousarray(np.clip(array, -_HALF_MAX, _HALF_MAX).astype(np.float16))
+    out = np.empty(array.shape, np.float16)
+    start = 0
+    for part in _chunks(array):
+        out[start:start + len(part)] = np.clip(part, -_HALF_MAX, _HALF_MAX)
+        start += len(part)
+    return out
 
 
 def _fix_outputs(graph: ir.Graph, fp32_outputs: set[str]) -> None:

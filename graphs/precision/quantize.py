@@ -39,13 +39,53 @@ class Skip(Exception):
 
 @dataclass
 class WeightMatMul:
-    """A MatMul/Gemm computing x @ W (+ bias) with a constant W."""
+    """A MatMul/Gemm computing x @ W (+ bias) with a constant W, read only when `load` is called.
+
+    The weight may not be in memory (exporter/stream.py streams it from a checkpoint when the model is saved), so
+    finding the sites reads shapes and dtypes only, and the rewrites quantize when the new tensors are written.
+    """
 
     node: ir.Node
     x: ir.Value
-    weight: np.ndarray  # (K, N) float32
+    tensor: ir.TensorProtocol  # the initializer as stored: (K, N), or (N, K) when transposed
+    transposed: bool
     weight_name: str
     bias: ir.Value | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N)."""
+        rows, cols = (int(d) for d in self.tensor.shape)
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    def load(self) -> np.ndarray:
+        """W (K, N) float32 (a transposed view where the initializer is stored (N, K))."""
+        w = self.tensor.numpy()
+        return w.T if self.transposed else w
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.load()
+
+
+_COLUMNS = 4096  # output columns quantized at a time: temporaries of K x 4096 values, not of the whole weight
+
+
+class _Shared:
+    """Several tensors computed together (packed weights, scales, zero points): computed once when the first is
+    read, dropped once all have been, so saving holds one weight's results at a time."""
+
+    def __init__(self, compute, parts: int):
+        self.compute, self.parts, self.result, self.taken = compute, parts, None, set()
+
+    def get(self, index: int) -> np.ndarray:
+        if self.result is None or index in self.taken:
+            self.result, self.taken = self.compute(), set()
+        out = self.result[index]
+        self.taken.add(index)
+        if len(self.taken) == self.parts:
+            self.result = None
+        return out
 
 
 # ---- the math (numpy) -------------------------------------------------------------------------------------------
@@ -106,6 +146,20 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+def _int4_by_columns(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_int4_blocks over chunks of output columns: the same result (N-major), bounded temporaries."""
+    parts = [quantize_int4_blocks(w[:, c:c + _COLUMNS], block_size) for c in range(0, w.shape[1], _COLUMNS)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _int8_by_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_int8_columns over chunks of output columns."""
+    q, scale = np.empty(w.shape, np.int8), np.empty(w.shape[1], np.float32)
+    for c in range(0, w.shape[1], _COLUMNS):
+        q[:, c:c + _COLUMNS], scale[c:c + _COLUMNS] = quantize_int8_columns(w[:, c:c + _COLUMNS])
+    return q, scale
+
+
 def _pad_even(a: np.ndarray) -> np.ndarray:
     return a if a.shape[-1] % 2 == 0 else np.concatenate([a, np.zeros((*a.shape[:-1], 1), a.dtype)], axis=-1)
 
@@ -122,10 +176,10 @@ def weight_matmul(node: ir.Node) -> WeightMatMul:
     w, transposed = _constant(b)
     if w is None:
         raise Skip(f"B {b.name!r} is an activation, not a weight (e.g. attention scores)")
-    if w.ndim != 2:
-        raise Skip(f"weight {b.name!r} has rank {w.ndim}, expected 2")
-    if w.dtype != np.float32:
-        raise Skip(f"weight {b.name!r} is {w.dtype}, expected float32 (quantize before any fp16 pass)")
+    if len(w.shape) != 2:
+        raise Skip(f"weight {b.name!r} has rank {len(w.shape)}, expected 2")
+    if w.dtype != FLOAT:
+        raise Skip(f"weight {b.name!r} is {w.dtype.name.lower()}, expected float32 (quantize before any fp16 pass)")
     bias = None
     if node.op_type == "Gemm":
         attr = lambda name, default: node.attributes[name].value if name in node.attributes else default  # noqa
@@ -134,22 +188,23 @@ def weight_matmul(node: ir.Node) -> WeightMatMul:
         transposed ^= bool(attr("transB", 0))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         c = ir.convenience.get_const_tensor(bias) if bias is not None else None
-        if bias is not None and (c is None or c.shape != (w.shape[0 if transposed else 1],) or c.dtype != FLOAT):
+        n = int(w.shape[0 if transposed else 1])
+        if bias is not None and (c is None or tuple(c.shape) != (n,) or c.dtype != FLOAT):
             raise Skip(f"Gemm bias {bias.name!r} is not a constant float32 vector of N values")
-    return WeightMatMul(node, x, (w.T if transposed else w).astype(np.float32), b.name, bias)
+    return WeightMatMul(node, x, w, transposed, b.name, bias)
 
 
-def _constant(value: ir.Value | None) -> tuple[np.ndarray | None, bool]:
-    """(array, transposed) for an initializer or Transpose(perm 1,0) of one; (None, False) for an activation."""
+def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool]:
+    """(tensor, transposed) for an initializer or Transpose(perm 1,0) of one; (None, False) for an activation."""
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     if tensor is not None:
-        return tensor.numpy(), False
+        return tensor, False
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Transpose":
         perm = producer.attributes.get("perm")
         inner = ir.convenience.get_const_tensor(producer.inputs[0])
-        if inner is not None and inner.numpy().ndim == 2 and (perm is None or list(perm.value) == [1, 0]):
-            return inner.numpy(), True
+        if inner is not None and len(inner.shape) == 2 and (perm is None or list(perm.value) == [1, 0]):
+            return inner, True
     return None, False
 
 
@@ -165,9 +220,10 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None) -> int:
         the number of MatMuls quantized.
     """
     def rewrite(site: WeightMatMul) -> ir.Node:
-        q, scale = quantize_int8_columns(site.weight)
-        qw = _initializer(model.graph, f"{site.weight_name}_int8", q)
-        sw = _initializer(model.graph, f"{site.weight_name}_scale", scale)
+        k, n = site.shape
+        parts = _Shared(lambda: _int8_by_columns(site.load()), parts=2)
+        qw = _initializer(model.graph, f"{site.weight_name}_int8", ir.DataType.INT8, (k, n), parts, 0)
+        sw = _initializer(model.graph, f"{site.weight_name}_scale", FLOAT, (n,), parts, 1)
         return ir.Node(MS, "DynamicQuantizeMatMul", _trim([site.x, qw, sw, None, site.bias]),
                        name=f"{site.node.name}/DynamicQuantizeMatMul")
 
@@ -192,11 +248,13 @@ def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16 (16, 32, 64, 128, 256)")
 
     def rewrite(site: WeightMatMul) -> ir.Node:
-        k, n = site.weight.shape
-        packed, scales, zero = quantize_int4_blocks(site.weight, block_size)
-        inputs = [site.x, _initializer(model.graph, f"{site.weight_name}_int4", packed),
-                  _initializer(model.graph, f"{site.weight_name}_scales", scales),
-                  _initializer(model.graph, f"{site.weight_name}_zero_points", zero), None, site.bias]
+        k, n = site.shape
+        blocks = -(-k // block_size)
+        parts = _Shared(lambda: _int4_by_columns(site.load(), block_size), parts=3)
+        u8, graph, name = ir.DataType.UINT8, model.graph, site.weight_name
+        inputs = [site.x, _initializer(graph, f"{name}_int4", u8, (n, blocks, block_size // 2), parts, 0),
+                  _initializer(graph, f"{name}_scales", FLOAT, (n * blocks,), parts, 1),
+                  _initializer(graph, f"{name}_zero_points", u8, (n * -(-blocks // 2),), parts, 2), None, site.bias]
         attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
                  ir.AttrInt64("block_size", block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
         return ir.Node(MS, "MatMulNBits", _trim(inputs), attrs,
@@ -211,8 +269,8 @@ def _quantize(model: ir.Model, rewrite, report: dict[str, str] | None, min_k: in
     for node in [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]:
         try:
             site = weight_matmul(node)
-            if site.weight.shape[0] < min_k:
-                raise Skip(f"K={site.weight.shape[0]} is smaller than one block ({min_k})")
+            if site.shape[0] < min_k:
+                raise Skip(f"K={site.shape[0]} is smaller than one block ({min_k})")
         except Skip as reason:
             report[node.name or node.op_type] = str(reason)
             continue
@@ -236,9 +294,11 @@ def _trim(inputs: list) -> list:
     return inputs
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+def _initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple, parts: _Shared,
+                 index: int) -> ir.Value:
+    """A new initializer whose value is part `index` of `parts`, computed when it is first read."""
+    tensor = ir.LazyTensor(lambda: ir.tensor(parts.get(index)), dtype=dtype, shape=ir.Shape(shape), name=name)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
