@@ -26,6 +26,14 @@ class Loaded:
     weights: object | None = None
 
 
+def _first_line(err: Exception) -> str:
+    """The first line of an exception's message, without terminal colour codes (torch adds some)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _looks_like_hub_id(model: str) -> bool:
     parts = model.split("/")
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
@@ -88,8 +96,7 @@ def resolve_config(model: str, trust_remote_code: bool = False):
         try:
             config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001 - unreadable config, unknown model_type, custom code refused
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExportError(f"cannot read the config of {model!r}: {first}") from None
+            raise ExportError(f"cannot read the config of {model!r}: {_first_line(err) or type(err).__name__}") from None
         return config, path.resolve().name, "local", str(path)
     if _looks_like_hub_id(model):
         return _hub_config(model, trust_remote_code), model.split("/")[-1], "hub", model
@@ -139,7 +146,7 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         except Exception as err:  # noqa: BLE001 - network or file errors become one line
             hint = " (or use --random-weights for an offline build)" if source != "local" else ""
             raise ExportError(f"cannot load the weights of {where!r}: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}{hint}") from None
+                              f"{_first_line(err)}{hint}") from None
         tokenizer = checkpoint_tokenizer(where, config.vocab_size)
     net.eval()
     return Loaded(net, arch, name, source, tokenizer, random_weights, seed if random_weights else None)
