@@ -201,6 +201,16 @@ def _prepare(work: Path, optimum_python: str | None, engines: list) -> dict:
             _run(["gptexport", "gpt2", "--random-weights", "-o", art, "--force"] + ([flag] if flag else []),
                  f"export {precision}")
         table[f"ours-{precision}"] = ("ours", art, "", _dir_bytes(art, ".onnx", ".data"))
+        inplace = work / f"ours-{precision}-inplace"  # graphs/shared_kv.py: the in-place KV cache variant
+        if f"ours-{precision}-inplace" in engines and not (inplace / "manifest.json").exists():
+            sys.path.insert(0, str(REPO))
+            from graphs.shared_kv import write_artifact
+
+            if not (art / "manifest.json").exists():
+                _run(["gptexport", "gpt2", "--random-weights", "-o", art, "--force"] + ([flag] if flag else []),
+                     f"export {precision}")
+            write_artifact(art, inplace)
+        table[f"ours-{precision}-inplace"] = ("ours", inplace, "", _dir_bytes(inplace, ".onnx", ".data"))
     for quant in ("float32", "int8"):
         out = work / f"ct2-{quant}"
         name = f"ct2-{'fp32' if quant == 'float32' else quant}"
@@ -254,12 +264,19 @@ def _targets(results: dict) -> list:
                   default=float("nan"))
     best_prefill = max((get(e, "prefill") for e in all_peers if e in results and "error" not in results[e]),
                        default=float("nan"))
+    def best_of(*values):
+        values = [v for v in values if v == v]  # nan: engine missing or failed
+        return max(values) if values else float("nan")
+
+    best_fp32_ours = best_of(get("ours-fp32", "b1"), get("ours-fp32-inplace", "b1"))
+    best_int8 = best_of(get("ours-int8", "b1"), get("ours-int8-inplace", "b1"))
+    best_int4 = best_of(get("ours-int4", "b1"), get("ours-int4-inplace", "b1"))
     best_ours_b8 = max((get(e, "b8") for e in results if e.startswith("ours")), default=float("nan"))
     best_ours_prefill = max((get(e, "prefill") for e in results if e.startswith("ours")), default=float("nan"))
-    checks = [("fp32 b1 ≥ 1.3 × fastest fp32 peer", get("ours-fp32", "b1") / best_fp32, 1.3),
+    checks = [("fp32 b1 ≥ 1.3 × fastest fp32 peer", best_fp32_ours / best_fp32, 1.3),
               ("b8 (best of ours) ≥ 1.3 × fastest peer", best_ours_b8 / best_b8, 1.3),
-              ("int8 b1 ≥ 2 × CTranslate2 int8", get("ours-int8", "b1") / get("ct2-int8", "b1"), 2.0),
-              ("int4 b1 ≥ 2.5 × CTranslate2 int8", get("ours-int4", "b1") / get("ct2-int8", "b1"), 2.5),
+              ("int8 b1 ≥ 2 × CTranslate2 int8", best_int8 / get("ct2-int8", "b1"), 2.0),
+              ("int4 b1 ≥ 2.5 × CTranslate2 int8", best_int4 / get("ct2-int8", "b1"), 2.5),
               ("prefill-512 (best of ours) ≥ fastest peer", best_ours_prefill / best_prefill, 1.0)]
     return ["", "| target | measured | met |", "|---|---|---|"] + [
         f"| {name} | {ratio:.2f}× | {'yes' if ratio >= want else 'no'} |" for name, ratio, want in checks]
@@ -284,8 +301,8 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args, prompts)))
         return
 
-    engines = ["ours-fp32", "ours-fp16", "ours-int8", "ours-int4", "transformers", "ct2-fp32", "ct2-int8",
-               "optimum-fp32"]
+    engines = [f"ours-{p}{v}" for p in OURS for v in ("", "-inplace")]
+    engines += ["transformers", "ct2-fp32", "ct2-int8", "optimum-fp32"]
     if args.only:
         engines = [e for e in engines if e in args.only.split(",")]
     work = Path(args.workdir)

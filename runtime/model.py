@@ -53,8 +53,17 @@ class _Row:
 
     prompt: list
     tokens: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # log-softmax of the model's logits at each generated token
     text: str = ""
     done: bool = False
+
+
+def _log_softmax_at(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """log_softmax(logits)[b, tokens[b]] per row, in float64 (B, vocab) -> (B,)."""
+    x = logits.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    norm = top[:, 0] + np.log(np.exp(x - top).sum(axis=-1))
+    return x[np.arange(len(tokens)), tokens] - norm
 
 
 def _stop_index(text: str, stops: list):
@@ -122,7 +131,8 @@ class Model:
     # -- public API ------------------------------------------------------------------------------------------
 
     def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, return_tokens=False):
+                 top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, return_tokens=False,
+                 return_logprobs=False):
         """Generate a continuation for one prompt or a left-padded batch of prompts.
 
         Args:
@@ -134,9 +144,12 @@ class Model:
             seed: seeds numpy's Generator for sampling (None: fresh entropy).
             stop: a str or list of str; a row stops when its text contains one, and its text is cut before it.
             return_tokens: also return the generated token ids (eos included when emitted).
+            return_logprobs: also return each generated token's log-probability under the model (log-softmax of
+                the raw logits, as transformers' `compute_transition_scores(..., normalize_logits=True)` on
+                `output_logits`), shaped like the token ids.
         Returns:
-            The continuation text (str, or list of str for a list prompt); with `return_tokens`, a tuple
-            (text(s), token ids as list[int] or list[list[int]]).
+            The continuation text (str, or list of str for a list prompt); with `return_tokens` and/or
+            `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order.
         Raises:
             GenerationError: empty prompt/list, invalid setting, or prompt + max_new_tokens too long.
         """
@@ -150,9 +163,11 @@ class Model:
             pass
         texts = [row.text for row in rows]
         tokens = [row.tokens for row in rows]
+        logprobs = [row.logprobs for row in rows]
         if single:
-            texts, tokens = texts[0], tokens[0]
-        return (texts, tokens) if return_tokens else texts
+            texts, tokens, logprobs = texts[0], tokens[0], logprobs[0]
+        extra = ([tokens] if return_tokens else []) + ([logprobs] if return_logprobs else [])
+        return (texts, *extra) if extra else texts
 
     def stream(self, prompt: str, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
                top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None):
@@ -216,9 +231,11 @@ class Model:
             active = np.array([not row.done for row in rows])
             tokens = next_tokens(logits[:, -1, :], params, seen, step, self.eos_token_id, rng)
             tokens = np.where(active, tokens, self.pad_token_id)  # (B,)
-            for row, ids, token, live in zip(rows, seen, tokens.tolist(), active):
+            logprobs = _log_softmax_at(logits[:, -1, :], tokens)  # (B,)
+            for row, ids, token, live, logprob in zip(rows, seen, tokens.tolist(), active, logprobs.tolist()):
                 ids.append(token)
                 if live:
+                    row.logprobs.append(logprob)
                     self._emit(row, token, stops, live_text)
             stats.new_tokens = step + 1
             stats.decode_s = time.perf_counter() - start - stats.prefill_s
