@@ -111,3 +111,31 @@ def adopt_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     old.name = None if name is None else f"{name}_unfused"
     new.name = name
+
+
+def apply_rule(model: ir.Model, result: "RuleResult | None", op_type: str, match, rewrite, label=None) -> int:
+    """The driver every single-anchor rule shares: match each `op_type` node, rewrite it or record why not.
+
+    Args:
+        model: the graph, changed in place.
+        result: collects the count and one reason per rejected anchor (a new one if None).
+        op_type: the standard-domain op each match starts from.
+        match: (graph, node) -> match dict; raises Reject with the reason.
+        rewrite: (graph, match) -> None.
+        label: node -> how a rejection names its anchor (default: the node name).
+    Returns:
+        The number of rewrites made.
+    """
+    result = result if result is not None else RuleResult()
+    graph = model.graph
+    label = label or (lambda node: node.name)
+    for node in [n for n in graph if n.op_type == op_type and n.domain == ""]:
+        try:
+            m = match(graph, node)
+        except Reject as reason:
+            result.rejections.append(f"{label(node)}: {reason}")
+            continue
+        ensure_ms_opset(model)
+        rewrite(graph, m)
+        result.count += 1
+    return result.count

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._match import (Reject, RuleResult, adopt_output, const_array, const_scalar, ensure_ms_opset, int_attr,
+from ._match import (Reject, RuleResult, adopt_output, apply_rule, const_scalar, int_attr,
                      ms_node, producer, scope)
 
 NAME = "attention"
@@ -127,15 +127,4 @@ def fuse_attention(model: ir.Model, result: RuleResult | None = None) -> int:
     Returns:
         The number of MultiHeadAttention nodes made.
     """
-    result = result if result is not None else RuleResult()
-    graph = model.graph
-    for node in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
-        try:
-            m = _match(graph, node)
-        except Reject as reason:
-            result.rejections.append(f"{node.name}: {reason}")
-            continue
-        ensure_ms_opset(model)
-        _rewrite(graph, m)
-        result.count += 1
-    return result.count
+    return apply_rule(model, result, "Softmax", _match, _rewrite)

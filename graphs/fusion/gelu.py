@@ -12,7 +12,7 @@ import math
 
 import onnx_ir as ir
 
-from ._match import (Reject, RuleResult, const_array, const_scalar, ensure_ms_opset, expect_close, ms_node,
+from ._match import (Reject, RuleResult, apply_rule, const_array, const_scalar, expect_close, ms_node,
                      other_input, producer, scope)
 
 NAME = "gelu"
@@ -94,15 +94,5 @@ def fuse_gelu(model: ir.Model, result: RuleResult | None = None) -> int:
     Returns:
         The number of FastGelu nodes made.
     """
-    result = result if result is not None else RuleResult()
-    graph = model.graph
-    for node in [n for n in graph if n.op_type == "Tanh" and n.domain == ""]:
-        try:
-            m = _match(node)
-        except Reject as reason:
-            result.rejections.append(f"{node.name} ({scope(node)}): {reason}")
-            continue
-        ensure_ms_opset(model)
-        _rewrite(graph, m)
-        result.count += 1
-    return result.count
+    return apply_rule(model, result, "Tanh", lambda graph, node: _match(node), _rewrite,
+                      label=lambda node: f"{node.name} ({scope(node)})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._match import Reject, RuleResult, const_array, ensure_ms_opset, int_attr, ms_node, producer, scope
+from ._match import Reject, RuleResult, apply_rule, const_array, int_attr, ms_node, producer, scope
 
 NAME = "skip_layernorm"
 
@@ -84,15 +84,5 @@ def fuse_skip_layernorm(model: ir.Model, result: RuleResult | None = None) -> in
     Returns:
         The number of SkipLayerNormalization nodes made.
     """
-    result = result if result is not None else RuleResult()
-    graph = model.graph
-    for node in [n for n in graph if n.op_type == "LayerNormalization" and n.domain == ""]:
-        try:
-            m = _match(node)
-        except Reject as reason:
-            result.rejections.append(f"{node.name} ({scope(node)}): {reason}")
-            continue
-        ensure_ms_opset(model)
-        _rewrite(graph, m)
-        result.count += 1
-    return result.count
+    return apply_rule(model, result, "LayerNormalization", lambda graph, node: _match(node), _rewrite,
+                      label=lambda node: f"{node.name} ({scope(node)})")
