@@ -219,9 +219,15 @@ def attach_weights(ir_model, model, source) -> int:
     import onnx_ir as ir
 
     params = {PARAM_PREFIX + n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    by_pointer = {p.data_ptr(): PARAM_PREFIX + n for n, p in model.named_parameters()}
     aliases = parameter_aliases(model)
     count = 0
     for name, value in ir_model.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        pointer = raw.data_ptr() if hasattr(raw, "data_ptr") else None
+        if name not in params and pointer in by_pointer:
+            # an empty parameter under a name we do not know would be written as garbage: refuse, never guess
+            raise KeyError(f"initializer {name!r} holds parameter {by_pointer[pointer]!r} under another name")
         if name not in params:
             continue
         key = checkpoint_name(name[len(PARAM_PREFIX):], source, aliases)
@@ -271,6 +277,7 @@ def write_safetensors(path: str | Path, source, names: list[str], dtype=np.float
         size = int(np.prod(source.shape(name))) * itemsize
         header[name] = {"dtype": code, "shape": list(source.shape(name)), "data_offsets": [offset, offset + size]}
         offset += size
+    header["__metadata__"] = {"format": "pt"}  # transformers refuses safetensors files without it
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:

@@ -1,0 +1,160 @@
+"""The streaming export (models larger than memory) on tiny models: the same numbers as the in-memory path.
+
+GPT-J-6B takes this path on a 24 GiB machine (bench/gptj_6b.sh measures it); here every piece of it runs on
+checkpoints of a few MB: empty-parameter trace, lazy weights from safetensors or a seeded generator, fp16 and int4
+converted when written, external data, the reduced-config validation and the structural check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from exporter import stream
+from exporter.build import ExportOptions, export
+from exporter.validate import logits_check
+from graphs.precision import LOGITS_ATOL
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> tiny checkpoint dir (safetensors, fp32)."""
+    from tiny_models import make_checkpoint
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = tmp_path_factory.mktemp(name)
+            make_checkpoint(cache[name], name)
+        return cache[name]
+
+    return get
+
+
+def _session(directory):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(directory / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", ["gptj-partial-rotary", "gpt2"])
+def test_streamed_fp32_matches_torch_and_in_memory_export(checkpoints, hf_model, tmp_path, name):
+    """Weights read lazily from safetensors give the graph the in-memory export has, bit for bit."""
+    ckpt = checkpoints(name)
+    streamed = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "s"), stream=True, validate=False))
+    in_memory = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "m"), stream=False, validate=False))
+    assert streamed.manifest["streamed"] and "streamed" not in in_memory.manifest
+    model = hf_model(ckpt)
+    facts = streamed.manifest["config"]
+    check = logits_check(model, facts, _session(streamed.output))
+    assert check["logits_max_abs_diff"] <= LOGITS_ATOL["float32"], check
+    from exporter.trace import example_inputs, input_names
+
+    feed = {n: a.numpy() for n, a in zip(input_names(facts["num_layers"]), example_inputs(facts))}
+    for a, b in zip(_session(streamed.output).run(None, feed), _session(in_memory.output).run(None, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int4"])
+def test_streamed_export_validates_by_reduced_config(checkpoints, tmp_path, dtype):
+    """fp16 and int4 written tensor by tensor; validation says how it was done, and the structural check passes."""
+    import runtime
+
+    ckpt = checkpoints("gptj-partial-rotary")
+    result = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "a"), stream=True, dtype=dtype))
+    v = result.manifest["validation"]
+    assert v["passed"], v
+    assert v["method"].startswith("reduced:")
+    assert v["structural"]["passed"] and v["structural"]["problems"] == []
+    weights = v["structural"]["initializer_bytes_by_dtype"]
+    assert ("float16" if dtype == "float16" else "uint8") in weights
+    assert runtime.load(str(result.output)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
+
+
+def test_streamed_external_data_threshold_cli(checkpoints, tmp_path):
+    """The > 2 GB path on the streaming writer: a threshold of 0 puts every weight in model.onnx.data."""
+    import runtime
+
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "exporter.cli", str(checkpoints("gpt2")), "-o", str(out),
+                           "--stream", "--fp16", "--external-data-threshold", "0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data",
+                                                    "tokenizer.json"]
+    assert 10 * (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["streamed"]
+    assert runtime.load(str(out)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
+
+
+def test_random_weights_streamed_preset_has_no_transposed_copy(tmp_path):
+    """A preset with --random-weights streams generated tensors; GPT-2's tied lm_head is stored once."""
+    import onnx
+
+    result = export(ExportOptions(model="distilgpt2", output=str(tmp_path / "a"), random_weights=True,
+                                  stream=True, validate=False))
+    proto = onnx.load(str(result.output / "model.onnx"), load_external_data=False)
+    vocab_sized = [t.name for t in proto.graph.initializer if 50257 in t.dims]
+    assert vocab_sized == ["model.lm_head.weight"], vocab_sized  # the tied wte/lm_head, read by Gather and MatMul
+
+
+def test_random_weights_are_per_tensor_and_order_free():
+    shapes = {"h.0.mlp.weight": (8, 4), "h.0.ln_1.weight": (4,), "h.0.ln_1.bias": (4,)}
+    a = stream.RandomWeights(shapes, layernorms={"h.0.ln_1"}, seed=3)
+    b = stream.RandomWeights(dict(reversed(shapes.items())), layernorms={"h.0.ln_1"}, seed=3)
+    np.testing.assert_array_equal(a.read("h.0.mlp.weight"), b.read("h.0.mlp.weight"))
+    assert not np.array_equal(a.read("h.0.mlp.weight"), stream.RandomWeights(shapes, set(), 4).read("h.0.mlp.weight"))
+    assert 0.005 < a.read("h.0.mlp.weight").std() < 0.05
+    np.testing.assert_array_equal(a.read("h.0.ln_1.weight"), np.ones(4, np.float32))
+    np.testing.assert_array_equal(a.read("h.0.ln_1.bias"), np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_safetensors_reader_matches_safetensors(tmp_path, dtype):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"a.weight": torch.randn(5, 3).to(getattr(torch, dtype)), "b.bias": torch.randn(7).to(getattr(torch, dtype))}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reader = stream.SafetensorsWeights(tmp_path)
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(reader.read(name), tensor.float().numpy())
+        assert reader.shape(name) == tuple(tensor.shape)
+
+
+def test_write_safetensors_round_trips(tmp_path):
+    source = stream.RandomWeights({"x.weight": (6, 4), "y.weight": (3,)}, set(), seed=0)
+    stream.write_safetensors(tmp_path / "model.safetensors", source, ["x.weight", "y.weight"])
+    reader = stream.SafetensorsWeights(tmp_path)
+    np.testing.assert_array_equal(reader.read("x.weight"), source.read("x.weight").astype(np.float16))
+
+
+def test_fits_in_memory_decides_the_path():
+    gptj_6b, gpt2_xl = 6_050_882_784, 1_557_611_200
+    assert not stream.fits_in_memory(gptj_6b, available=24 * 1024**3)
+    assert stream.fits_in_memory(gpt2_xl, available=24 * 1024**3)
+
+
+def test_missing_tensor_is_one_clear_error(checkpoints, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from exporter.presets import ExportError
+
+    src = checkpoints("gpt2")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "tokenizer.json"):
+        (broken / f).write_bytes((src / f).read_bytes())
+    weights = load_file(str(src / "model.safetensors"))
+    del weights[next(k for k in weights if k.endswith("ln_f.bias"))]
+    save_file(weights, str(broken / "model.safetensors"))
+    with pytest.raises(ExportError, match="ln_f.bias"):
+        export(ExportOptions(model=str(broken), output=str(tmp_path / "out"), stream=True, validate=False))
