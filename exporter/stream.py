@@ -158,8 +158,7 @@ def empty_model(model_cls, config):
         for leaf, param in list(module._parameters.items()):
             if param is not None and param.device.type == "meta":
                 if id(param) not in empty:
-                    empty[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=torch.float32),
-                                                          requires_grad=False)
+                    empty[id(param)] = torch.nn.Parameter(unwritten(param.shape), requires_grad=False)
                 module._parameters[leaf] = empty[id(param)]
     return net.eval()
 
@@ -181,6 +180,13 @@ def available_memory() -> int:
 def fits_in_memory(parameters: int, available: int | None = None) -> bool:
     """Whether the in-memory export fits: the torch model in float32 and a copy of it (graph, session) at once."""
     return 2 * 4 * parameters + HEADROOM < (available_memory() if available is None else available)
+
+
+def unwritten(shape):
+    """A float32 CPU tensor whose values are never read (tests swap in NaNs to prove it)."""
+    import torch
+
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def parameter_count(model_cls, config) -> int:

@@ -92,16 +92,19 @@ def trace(model: torch.nn.Module, facts: dict, weights=None):
                tuple({0: batch, 2: past} for _ in range(2 * layers)))
     from .traced_form import traced_form
 
-    with torch.no_grad(), traced_form(model, facts), _quiet(), _weights_not_folded():
+    with torch.no_grad(), traced_form(model, facts), _quiet():
         program = torch.onnx.export(
-            wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=True, verbose=False,
+            wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=False, verbose=False,
             input_names=input_names(layers), output_names=output_names(layers),
         )
-    ir_model = program.model
     from .stream import attach_weights, fold_weight_transposes
 
     if weights is not None:
-        attach_weights(ir_model, model, weights)  # before the fold, which transposes what is attached
+        # before the optimizer: constant folding must read the real weights, never the empty parameters
+        attach_weights(program.model, model, weights)
+    with _quiet(), _weights_not_folded():
+        program.optimize()  # what optimize=True runs, minus the eager Transpose(weight) folding
+    ir_model = program.model
     fold_weight_transposes(ir_model)
     _name_total_axis(ir_model)
     return ir_model
