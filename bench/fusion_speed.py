@@ -1,5 +1,5 @@
 """Decode speed of GPT-2 124M (random weights) on onnxruntime CPU: unfused vs fused (MultiHeadAttention) vs a
-GroupQueryAttention variant. A script, not a test: `python tests/graphs/bench_fusion.py [--threads 2]`.
+GroupQueryAttention variant. A script, not a test: `python bench/fusion_speed.py [--threads 2]`.
 
 The GQA variant swaps each MultiHeadAttention for GroupQueryAttention with seqlens from the mask; GQA assumes right
 padding, so it is only timed here (batch 1, no padding), never shipped.
@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "graphs"))
 
 
 def _gqa_variant(model):
