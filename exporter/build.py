@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.manifest import FORMAT_VERSION, write_manifest
+from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, checksum_files
 
 from .passes import run_passes
 from .presets import ExportError
@@ -141,7 +141,8 @@ def write_artifact(loaded, facts: dict, opts: ExportOptions, directory: Path, re
     """Trace, passes and save into `directory`; the same code for in-memory and streamed weights.
 
     Returns:
-        the manifest written (validation not yet run).
+        the manifest, with the checksums of the files written but not itself written: manifest.json marks a
+        complete artifact, so it is written only when the export is published.
     """
     from .trace import trace
 
@@ -157,7 +158,7 @@ def write_artifact(loaded, facts: dict, opts: ExportOptions, directory: Path, re
         save_graph(ir_model, directory, opts.external_data_threshold)
         loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
         manifest = _manifest(loaded, facts, ir_model, opts, passes)
-        write_manifest(directory, manifest)
+        manifest["files"] = checksum_files(directory)
     return manifest
 
 
@@ -167,7 +168,8 @@ def _validate(loaded, facts: dict, opts: ExportOptions, staging: Path, manifest:
     if loaded.weights is None:
         from .validate import validate
 
-        result = validate(loaded.model, facts, loaded.tokenizer, str(staging), _session(staging), opts.dtype, eos)
+        result = validate(loaded.model, facts, loaded.tokenizer, str(staging), _session(staging), opts.dtype, eos,
+                          manifest=manifest)
         result["method"] = "full: this artifact against its torch model"
         return result
     from .validate import validate_streamed
@@ -205,14 +207,49 @@ def export(opts: ExportOptions, on_step=None) -> ExportResult:
         opts.output = default_output(name, opts.dtype)
     target = Path(opts.output).expanduser().resolve()
     _check_target(target, opts.force)
+    _remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    pending = target.parent / f".{target.name}.manifest-{os.getpid()}.json"
     try:
         manifest = _export_into(opts, staging, report, load)
+        # manifest.json marks completion: written beside the staging dir, moved in only after the rest is published
+        write_manifest_file(pending, manifest)
         _publish(staging, target)
+        os.replace(pending, target / MANIFEST_NAME)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        pending.unlink(missing_ok=True)
         raise
     return ExportResult(target, manifest, report.timings)
+
+
+def write_manifest_file(path: Path, manifest: dict) -> None:
+    """Write the manifest JSON (its "files" already computed) durably to `path`."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+STALE_SECONDS = 60
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove what killed earlier exports to the same target left: hidden staging dirs without a manifest.
+
+    Only dirs untouched for STALE_SECONDS, so a concurrent export's live staging dir is left alone.
+    """
+    import time as _time
+
+    for prefix in (f".{target.name}.partial-", f".{target.name}.manifest-", f".{target.name}.old-"):
+        for path in target.parent.glob(prefix + "*"):
+            if _time.time() - path.lstat().st_mtime <= STALE_SECONDS or path.is_symlink():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) -> dict:
@@ -235,5 +272,4 @@ def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) ->
         if loaded.weights is not None:
             manifest["streamed"] = True
         manifest["timings"] = dict(report.timings)
-        write_manifest(staging, manifest)
-    return json.loads((staging / "manifest.json").read_text())
+    return manifest

@@ -77,11 +77,11 @@ def _agreement(ours: list[int], theirs: list[int]) -> int:
     return same
 
 
-def greedy_check(model, tokenizer, artifact_dir: str, eos: int) -> dict:
+def greedy_check(model, tokenizer, artifact_dir: str, eos: int, manifest: dict | None = None) -> dict:
     """Greedy tokens of the runtime against transformers' generate: single prompts and a left-padded batch."""
     import runtime
 
-    rt = runtime.load(artifact_dir, verify="size")
+    rt = runtime.load(artifact_dir, verify="size", manifest=manifest)
     cases = [[p] for p in VALIDATION_PROMPTS] + [PADDED_BATCH]
     total, agreed, rows = 0, 0, []
     for prompts in cases:
@@ -94,7 +94,8 @@ def greedy_check(model, tokenizer, artifact_dir: str, eos: int) -> dict:
     return {"greedy_agreement": agreed / total, "greedy_cases": rows}
 
 
-def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: str, eos: int) -> dict:
+def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: str, eos: int,
+             manifest: dict | None = None) -> dict:
     """Run both checks and judge them against the precision's named tolerances.
 
     Returns:
@@ -104,7 +105,7 @@ def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: s
     """
     result = {"reference": "torch float32 (transformers eager)", "new_tokens": NEW_TOKENS}
     result.update(logits_check(model, facts, session))
-    result.update(greedy_check(model, tokenizer, artifact_dir, eos))
+    result.update(greedy_check(model, tokenizer, artifact_dir, eos, manifest))
     result["logits_tolerance"] = LOGITS_ATOL[dtype]
     result["min_greedy_agreement"] = MIN_GREEDY_AGREEMENT[dtype]
     result["passed"] = bool(result["logits_max_abs_diff"] <= LOGITS_ATOL[dtype]
@@ -156,11 +157,12 @@ def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict,
     small.weights = stream.RandomWeights.for_model(small.model, seed=loaded.seed or 0)
     small_facts = loaded.architecture.facts(config)
     with tempfile.TemporaryDirectory(prefix=".reduced-", dir=artifact.parent) as tmp:
-        write_artifact(small, small_facts, dataclasses.replace(opts, external_data_threshold=0), Path(tmp),
-                       _Reporter())
+        small_manifest = write_artifact(small, small_facts, dataclasses.replace(opts, external_data_threshold=0),
+                                        Path(tmp), _Reporter())
         reference = model_cls(config).eval()
         stream.materialise(reference, small.weights)
-        result = validate(reference, small_facts, loaded.tokenizer, tmp, _session(Path(tmp)), opts.dtype, eos)
+        result = validate(reference, small_facts, loaded.tokenizer, tmp, _session(Path(tmp)), opts.dtype, eos,
+                          manifest=small_manifest)
     result["reduced_config"] = small_facts
     result["structural"] = structural_check(artifact, facts, manifest)
     result["passed"] = bool(result["passed"] and result["structural"]["passed"])

@@ -104,12 +104,14 @@ def write_manifest(directory, manifest: dict) -> dict:
     return full
 
 
-def read_manifest(directory, verify: str = "auto") -> dict:
+def read_manifest(directory, verify: str = "auto", manifest: dict | None = None) -> dict:
     """Load manifest.json and verify the artifact against it.
 
     Args:
         directory: the artifact directory.
         verify: "auto", "full" or "size" (see the module docstring).
+        manifest: use this dict instead of reading manifest.json (the exporter validates a staged artifact
+            before it writes the file that marks it complete); it is checked exactly like a read one.
     Returns:
         The manifest dict.
     Raises:
@@ -119,7 +121,10 @@ def read_manifest(directory, verify: str = "auto") -> dict:
     if verify not in VERIFY_MODES:
         raise ArtifactError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
     directory = Path(directory)
-    manifest = _load_json(directory)
+    if manifest is None:
+        manifest = _load_json(directory)
+    elif not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist")
     _check_version(directory, manifest)
     _check_keys(directory, manifest)
     _verify_files(directory, manifest["files"], verify)

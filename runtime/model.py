@@ -308,13 +308,15 @@ class Model:
         return input_ids, mask
 
 
-def load(artifact_dir, provider: str = "cpu", verify: str = "auto") -> Model:
+def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: dict | None = None) -> Model:
     """Verify an artifact and load it for generation.
 
     Args:
         artifact_dir: the artifact directory.
         provider: "cpu" or "cuda".
         verify: manifest verification policy, "auto", "full" or "size" (see runtime.manifest).
+        manifest: a manifest dict to use instead of manifest.json (for the exporter's validation of a staged
+            artifact); verified the same way.
     Returns:
         A Model.
     Raises:
@@ -322,7 +324,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto") -> Model:
         ProviderError: the provider is unknown or unavailable.
     """
     directory = _artifact_path(artifact_dir)
-    manifest = read_manifest(directory, verify=verify)
+    manifest = read_manifest(directory, verify=verify, manifest=manifest)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if name not in manifest["files"]:
             raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
