@@ -33,6 +33,8 @@ def cli():
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search when > 1 (no sampling, no --stream).")
+@click.option("--length-penalty", type=float, default=1.0, show_default=True, help="Beam search: score / length ** this.")
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")

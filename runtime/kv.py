@@ -43,6 +43,17 @@ class SharedKVCache:
         """Cached positions of the longest row."""
         return int(self.lengths.max()) if self.started else 0
 
+    def reorder(self, indices) -> None:
+        """Beam search: row i becomes old row indices[i], buffers and lengths (the batch may grow).
+
+        Copies every buffer through the host into fresh buffers: the one place this cache moves bytes.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        self.buffers = {past: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(buffer.numpy()[indices]),
+                                                               self.device, self.device_id)
+                        for past, buffer in self.buffers.items()}
+        self.lengths = self.lengths[indices]
+
     def bind(self, binding: ort.IOBinding) -> None:
         """Bind every buffer as its layer's past input and present output (the same memory)."""
         for past, present in self.pairs:

@@ -23,7 +23,8 @@ from tokenizers import Tokenizer
 from .errors import ArtifactError, GenerationError
 from .manifest import read_manifest
 from .onnx_refs import check_external_data
-from .sampling import SamplingParams, next_tokens
+from .beam import beam_search
+from .sampling import SamplingParams, _check_float, next_tokens
 from .session import Decoder, create_session
 
 MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
@@ -102,6 +103,19 @@ def _check_seed(seed) -> None:
         raise GenerationError(f"seed must be None or an integer >= 0, got {_short(seed)}")
 
 
+def _check_beam(num_beams, length_penalty, early_stopping, do_sample) -> float:
+    """Validate the beam-search settings; returns length_penalty as a float."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise GenerationError(f"num_beams must be an integer >= 1, got {_short(num_beams)}")
+    length_penalty = _check_float("length_penalty", length_penalty)
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise GenerationError(f"early_stopping must be True, False or 'never', got {_short(early_stopping)}")
+    if num_beams > 1 and do_sample is True:
+        raise GenerationError("beam sampling is not supported (num_beams > 1 with do_sample=True); "
+                              "use num_beams=1 to sample, or do_sample=False for beam search")
+    return length_penalty
+
+
 def _artifact_path(artifact_dir) -> Path:
     if isinstance(artifact_dir, bytes):
         artifact_dir = os.fsdecode(artifact_dir)
@@ -132,7 +146,7 @@ class Model:
 
     def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
                  top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, return_tokens=False,
-                 return_logprobs=False):
+                 return_logprobs=False, num_beams=1, length_penalty=1.0, early_stopping=False, eos_token_id=None):
         """Generate a continuation for one prompt or a left-padded batch of prompts.
 
         Args:
@@ -147,6 +161,13 @@ class Model:
             return_logprobs: also return each generated token's log-probability under the model (log-softmax of
                 the raw logits, as transformers' `compute_transition_scores(..., normalize_logits=True)` on
                 `output_logits`), shaped like the token ids.
+            num_beams: > 1 runs beam search (do_sample=False), as transformers' `generate(num_beams=...)`; the
+                best hypothesis per prompt is returned. stop strings and return_logprobs are not supported there.
+            length_penalty: beam search: a finished hypothesis scores sum_logprobs / generated_len ** length_penalty.
+            early_stopping: beam search: False (transformers' heuristic), True (stop once num_beams hypotheses are
+                finished) or "never" (stop only when no better hypothesis is possible).
+            eos_token_id: the end-of-sequence id (None: the manifest's); generation stops there and min_new_tokens
+                suppresses it.
         Returns:
             The continuation text (str, or list of str for a list prompt); with `return_tokens` and/or
             `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order.
@@ -159,8 +180,17 @@ class Model:
                               repetition_penalty, rows)
         stops = _normalize_stops(stop)
         _check_seed(seed)
-        for _ in self._run(rows, params, seed, stops, live_text=bool(stops)):
-            pass
+        eos = self._eos(eos_token_id)
+        length_penalty = _check_beam(num_beams, length_penalty, early_stopping, do_sample)
+        if num_beams > 1:
+            if stops:
+                raise GenerationError("stop strings are not supported with beam search (num_beams > 1)")
+            if return_logprobs:
+                raise GenerationError("return_logprobs is not supported with beam search (num_beams > 1)")
+            self._beam(rows, params, int(num_beams), length_penalty, early_stopping, eos)
+        else:
+            for _ in self._run(rows, params, seed, stops, live_text=bool(stops), eos=eos):
+                pass
         texts = [row.text for row in rows]
         tokens = [row.tokens for row in rows]
         logprobs = [row.logprobs for row in rows]
@@ -170,7 +200,8 @@ class Model:
         return (texts, *extra) if extra else texts
 
     def stream(self, prompt: str, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
-               top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None):
+               top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, num_beams=1, length_penalty=1.0,
+               early_stopping=False, eos_token_id=None):
         """Generate for one prompt, yielding text pieces as they become stable.
 
         A piece never splits a multi-byte character (text ending in U+FFFD is held back) and never shows the
@@ -181,21 +212,26 @@ class Model:
         Returns:
             An iterator of str pieces. Argument errors are raised at the call, not at the first `next()`.
         Raises:
-            GenerationError: as `generate`.
+            GenerationError: as `generate`; num_beams > 1 is refused (beam search cannot stream token by token:
+                the best hypothesis is known only at the end).
         """
+        _check_beam(num_beams, length_penalty, early_stopping, do_sample)
+        if num_beams > 1:
+            raise GenerationError("stream does not support beam search (num_beams > 1): the best hypothesis is "
+                                  "known only at the end; use generate")
         if not isinstance(prompt, str):
             raise GenerationError(f"stream takes one prompt (str), got {type(prompt).__name__}")
         rows = self._encode(prompt)
         params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                               repetition_penalty, rows)
         _check_seed(seed)
-        return self._stream(rows, params, seed, _normalize_stops(stop))
+        return self._stream(rows, params, seed, _normalize_stops(stop), self._eos(eos_token_id))
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _stream(self, rows: list, params: SamplingParams, seed, stops: list):
+    def _stream(self, rows: list, params: SamplingParams, seed, stops: list, eos):
         row, emitted = rows[0], ""
-        for _ in self._run(rows, params, seed, stops, live_text=True):
+        for _ in self._run(rows, params, seed, stops, live_text=True, eos=eos):
             text = row.text if row.done else self._stable(row.text, stops)
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]
@@ -212,7 +248,7 @@ class Model:
                    default=0)
         return text[:len(text) - hold]
 
-    def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool):
+    def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool, eos):
         """Generate into `rows`, yielding after every step.
 
         Rows' tokens and done flags are updated every step; their text every step when `live_text` (streaming,
@@ -229,14 +265,14 @@ class Model:
         stats.prefill_s = time.perf_counter() - start
         for step in range(params.max_new_tokens):
             active = np.array([not row.done for row in rows])
-            tokens = next_tokens(logits[:, -1, :], params, seen, step, self.eos_token_id, rng)
+            tokens = next_tokens(logits[:, -1, :], params, seen, step, eos, rng)
             tokens = np.where(active, tokens, self.pad_token_id)  # (B,)
             logprobs = _log_softmax_at(logits[:, -1, :], tokens)  # (B,)
             for row, ids, token, live, logprob in zip(rows, seen, tokens.tolist(), active, logprobs.tolist()):
                 ids.append(token)
                 if live:
                     row.logprobs.append(logprob)
-                    self._emit(row, token, stops, live_text)
+                    self._emit(row, token, stops, live_text, eos)
             stats.new_tokens = step + 1
             stats.decode_s = time.perf_counter() - start - stats.prefill_s
             yield step
@@ -248,12 +284,57 @@ class Model:
         stats.decode_s = time.perf_counter() - start - stats.prefill_s
         if not live_text:
             for row in rows:
-                row.text = self._decode([t for t in row.tokens if t != self.eos_token_id])
+                row.text = self._decode([t for t in row.tokens if t != eos])
 
-    def _emit(self, row: _Row, token: int, stops: list, live_text: bool) -> None:
+    def _beam(self, rows: list, params: SamplingParams, num_beams: int, length_penalty: float, early_stopping,
+              eos) -> None:
+        """Beam search (runtime/beam.py) into `rows`: each row gets its best hypothesis' tokens and text."""
+        if params.do_sample:
+            raise GenerationError("beam sampling is not supported")
+        input_ids, mask = self._left_pad(rows)  # (B, L)
+        batch = len(rows)
+        position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
+        cache = self.decoder.new_cache(batch, capacity=input_ids.shape[1] + params.max_new_tokens)
+        stats = self.last_stats = Stats(batch=batch, prompt_tokens=int(input_ids.shape[1]))
+        start = time.perf_counter()
+        logits = self.decoder.step(input_ids, mask, position_ids, cache)[:, -1, :]  # (B, V)
+        # transformers' _expand_inputs_for_generation: each prompt's row repeated num_beams times
+        expand = np.repeat(np.arange(batch), num_beams)  # (B*N,)
+        cache.reorder(expand)
+        state = {"mask": mask[expand], "positions": position_ids[expand][:, -1:]}
+        stats.prefill_s = time.perf_counter() - start
+
+        def decode(tokens: np.ndarray, beam_idx: np.ndarray) -> np.ndarray:
+            cache.reorder(beam_idx)
+            state["mask"] = np.concatenate([state["mask"], np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
+            state["positions"] = state["positions"] + 1  # (B*N, 1)
+            out = self.decoder.step(tokens[:, None].astype(np.int64), state["mask"], state["positions"], cache)
+            return out[:, -1, :]
+
+        best = beam_search(logits[expand], decode, input_ids, mask, num_beams, params.max_new_tokens,
+                           params.min_new_tokens, params.repetition_penalty, length_penalty, early_stopping, eos,
+                           self.pad_token_id)
+        stats.new_tokens = max(len(tokens) for tokens in best)
+        stats.decode_s = time.perf_counter() - start - stats.prefill_s
+        for row, tokens in zip(rows, best):
+            row.tokens, row.done = tokens, True
+            row.text = self._decode([t for t in tokens if t != eos])
+
+    def _eos(self, eos_token_id):
+        """The end-of-sequence id of a call: an override (validated against the vocabulary) or the manifest's."""
+        if eos_token_id is None:
+            return self.eos_token_id
+        vocab = self.manifest["config"]["vocab_size"]
+        if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, (int, np.integer)) \
+                or not 0 <= eos_token_id < vocab:
+            raise GenerationError(f"eos_token_id must be None or an integer in [0, {vocab}), got "
+                                  f"{_short(eos_token_id)}")
+        return int(eos_token_id)
+
+    def _emit(self, row: _Row, token: int, stops: list, live_text: bool, eos) -> None:
         """Add one generated token to a live row: eos ends it; a stop string ends it and cuts its text."""
         row.tokens.append(token)
-        if token == self.eos_token_id:
+        if token == eos:
             row.done = True
             return
         if not live_text:

@@ -110,6 +110,11 @@ class KVCache:
         """Take this step's presents (in `present_names` order) as the next pasts."""
         self.values = {past: value for (past, _), value in zip(self.pairs, presents)}
 
+    def reorder(self, indices) -> None:
+        """Beam search: row i of every past becomes old row indices[i] (the batch may grow, e.g. beam expansion)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        self.values = {past: np.take(value, indices, axis=0) for past, value in self.values.items()}
+
 
 class DeviceKVCache(KVCache):
     """CUDA cache: presents stay on the device as OrtValues and are bound as the next pasts."""
@@ -123,6 +128,14 @@ class DeviceKVCache(KVCache):
     @property
     def length(self) -> int:
         return next(iter(self.values.values())).shape()[2] if self.values else 0
+
+    def reorder(self, indices) -> None:
+        """As `KVCache.reorder`, through the host (beam search on CUDA pays one round trip per step)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        self.values = {past: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.take(value.numpy(), indices,
+                                                                                           axis=0)),
+                                                              "cuda", self.device_id)
+                       for past, value in self.values.items()}
 
 
 class Decoder:
