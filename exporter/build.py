@@ -25,6 +25,9 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to
 _INLINE_BYTES = 1024  # tensors this small stay in the graph: shape constants must be readable for shape inference
 MODEL_FILE, DATA_FILE, TOKENIZER_FILE = "model.onnx", "model.onnx.data", "tokenizer.json"
 STEPS = ["load", "trace", "passes", "save", "validate", "finish"]
+# "concat": the default graph (past + new K/V concatenated each step; Optimum-compatible). "shared_buffer": the
+# in-place variant of graphs/shared_kv.py (GroupQueryAttention writing into one preallocated buffer per request).
+KV_LAYOUTS = ("concat", "shared_buffer")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ExportOptions:
     fuse: bool = True
     strict: bool = False
     stream: bool | None = None  # stream weights into the file (None: only when the model does not fit in memory)
+    kv_layout: str = "concat"  # one of KV_LAYOUTS
 
 
 @dataclass
@@ -80,6 +84,19 @@ def _check_target(target: Path, force: bool) -> None:
         raise ExportError(f"parent directory of {str(target)!r} does not exist")
 
 
+def check_options(opts: ExportOptions) -> None:
+    """Refuse option combinations that cannot work, before any work is done.
+
+    Raises:
+        ExportError: an unknown kv_layout, or shared_buffer without fusion (it rewrites the fused attention).
+    """
+    if opts.kv_layout not in KV_LAYOUTS:
+        raise ExportError(f"unknown kv layout {opts.kv_layout!r}; choose one of: {', '.join(KV_LAYOUTS)}")
+    if opts.kv_layout == "shared_buffer" and not opts.fuse:
+        raise ExportError("--kv-layout shared_buffer cannot be combined with --no-fuse: the in-place KV cache "
+                          "rewrites the fused attention (drop --no-fuse, or use --kv-layout concat)")
+
+
 def _weight_bytes(ir_model) -> int:
     return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
 
@@ -95,16 +112,9 @@ def save_graph(ir_model, directory: Path, threshold: int) -> None:
         ir.save(ir_model, str(path))
 
 
-def _io_spec(values, dtype_names) -> list[dict]:
-    return [{"name": v.name, "dtype": dtype_names[v.dtype],
-             "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
-
-
 def _manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
-    import onnx_ir as ir
+    from graphs.signature import DTYPE_NAMES, io_spec
 
-    names = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.INT64: "int64",
-             ir.DataType.INT32: "int32"}
     from . import __version__
 
     config = loaded.model.config
@@ -117,9 +127,9 @@ def _manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
                   "random_weights": loaded.random_weights, "seed": loaded.seed},
         "config": facts,
         "dtype": opts.dtype,
-        "kv_dtype": names[kv.dtype],
-        "inputs": _io_spec(ir_model.graph.inputs, names),
-        "outputs": _io_spec(ir_model.graph.outputs, names),
+        "kv_dtype": DTYPE_NAMES[kv.dtype],
+        "inputs": io_spec(ir_model.graph.inputs),
+        "outputs": io_spec(ir_model.graph.outputs),
         "special_tokens": {"bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos,
                            "eos_token_id": eos, "pad_token_id": eos},
         "generation": {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -154,12 +164,32 @@ def write_artifact(loaded, facts: dict, opts: ExportOptions, directory: Path, re
     with report.step("passes"):
         passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
                             strict=opts.strict)
+        shared = _to_shared_kv(ir_model) if opts.kv_layout == "shared_buffer" else None  # after precision
     with report.step("save"):  # streamed weights are read, converted and written here, one at a time
         save_graph(ir_model, directory, opts.external_data_threshold)
         loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
         manifest = _manifest(loaded, facts, ir_model, opts, passes)
+        if shared is not None:
+            from graphs.shared_kv import record
+
+            record(manifest, ir_model, shared)
         manifest["files"] = checksum_files(directory)
     return manifest
+
+
+def _to_shared_kv(ir_model) -> int:
+    """The in-place KV-cache rewrite (graphs/shared_kv.py) of the fused graph; returns the attentions rewritten.
+
+    Raises:
+        ExportError: the fused graph does not fit the variant (e.g. attention fusion fell short), with the reason.
+    """
+    from graphs.fusion._match import Reject
+    from graphs.shared_kv import to_shared_kv
+
+    try:
+        return to_shared_kv(ir_model)
+    except Reject as err:
+        raise ExportError(f"--kv-layout shared_buffer: cannot rewrite this graph: {err}") from None
 
 
 def _validate(loaded, facts: dict, opts: ExportOptions, staging: Path, manifest: dict) -> dict:
@@ -201,6 +231,7 @@ def export(opts: ExportOptions, on_step=None) -> ExportResult:
     """
     from .load import load, resolve_config
 
+    check_options(opts)
     report = _Reporter(on_step)
     if opts.output is None:
         _, name, _, _ = resolve_config(opts.model, opts.trust_remote_code)

@@ -8,7 +8,7 @@ import click
 
 from runtime.errors import GptexportError
 
-from .build import STEPS, ExportOptions, export
+from .build import KV_LAYOUTS, STEPS, ExportOptions, export
 from .presets import PRESETS
 
 
@@ -36,7 +36,8 @@ def _summary(result) -> str:
     v = m["validation"]
     lines = [f"artifact: {result.output}",
              f"model: {m['model']['name']} ({m['model']['architecture']}, {m['config']['num_layers']} layers), "
-             f"dtype {m['dtype']}, {sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB"]
+             f"dtype {m['dtype']}, kv layout {m.get('kv_layout', 'concat')}, "
+             f"{sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB"]
     passes = m["passes"]
     counts = passes.get("counts") or {}
     expected = passes.get("expected") or {}
@@ -47,10 +48,11 @@ def _summary(result) -> str:
     if v.get("skipped"):
         lines.append("validation: skipped (--no-validate)")
     else:
+        presents = v.get("present_max_abs_diff")
         lines.append(f"validation: {'passed' if v['passed'] else 'FAILED'}: logits max abs diff "
                      f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}), presents "
-                     f"{v['present_max_abs_diff']:.3g}, greedy agreement {v['greedy_agreement']:.3f} over "
-                     f"{len(v['greedy_cases'])} prompts (incl. a left-padded batch)")
+                     f"{'n/a' if presents is None else format(presents, '.3g')}, greedy agreement "
+                     f"{v['greedy_agreement']:.3f} over {len(v['greedy_cases'])} prompts (incl. a left-padded batch)")
     return "\n".join(lines)
 
 
@@ -71,17 +73,22 @@ def _summary(result) -> str:
 @click.option("--fp32", "dtype", flag_value="float32", default=True, help="float32 (the default).")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes (standard ONNX ops only).")
 @click.option("--strict", is_flag=True, help="Fail when a fusion rule falls short of its expected count.")
+@click.option("--kv-layout", type=click.Choice(KV_LAYOUTS), default="concat", show_default=True,
+              help="KV cache graph. concat: past and new keys/values concatenated each step (the graph Optimum and "
+                   "other ONNX tools load). shared_buffer: GroupQueryAttention writing in place into one "
+                   "preallocated buffer, logits at each row's last token only; the fastest for gptexport's own "
+                   "runtime, not loadable by Optimum; needs fusion (not with --no-fuse).")
 @click.option("--stream/--no-stream", default=None,
               help="Stream weights one tensor at a time into the file, never holding the model (default: only when "
                    "the model does not fit in memory twice).")
 def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code, dtype,
-        no_fuse, strict, stream):
+        no_fuse, strict, kv_layout, stream):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
     opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
                          validate=not no_validate, trust_remote_code=trust_remote_code, dtype=dtype,
-                         fuse=not no_fuse, strict=strict, stream=stream)
+                         fuse=not no_fuse, strict=strict, stream=stream, kv_layout=kv_layout)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())

@@ -3,6 +3,10 @@
 Two checks, both recorded in the manifest: the logits (and presents) of the graph against torch on a padded
 batch with a past and on a prefill with no past; then greedy generation through the real runtime against
 transformers' `generate`, prompt by prompt and as one left-padded batch of different lengths.
+
+The shared_buffer graph (`--kv-layout shared_buffer`) has other inputs (no mask, no growing pasts): its logits
+check drives it as the runtime does (runtime/kv.py: prefill into a preallocated buffer, then decode steps) and
+compares the positions torch computes for the same tokens; its presents are the buffer's filled slots.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 import torch
 
 from .presets import ExportError
-from .trace import FlatDecoder, example_inputs, input_names
+from .trace import FlatDecoder, example_inputs, input_names, output_names
 
 # Named tolerances per precision (largest |logits difference| against torch fp32; fraction of greedy tokens equal
 # to torch's before the first divergence), measured and explained in graphs/precision/__init__.py.
@@ -37,8 +41,14 @@ def _graph_outputs(session, names_in, args):
     return session.run(None, feed)
 
 
-def logits_check(model, facts: dict, session) -> dict:
-    """Worst |difference| of logits and presents between the graph and torch, on two input shapes."""
+def logits_check(model, facts: dict, session, manifest: dict | None = None) -> dict:
+    """Worst |difference| of logits and presents between the graph and torch, on two input shapes.
+
+    Args:
+        manifest: the artifact's; a "kv_layout" of "shared_buffer" selects `shared_logits_check`.
+    """
+    if manifest is not None and manifest.get("kv_layout") == "shared_buffer":
+        return shared_logits_check(model, facts, session, manifest)
     layers = facts["num_layers"]
     wrapper = FlatDecoder(model).eval()
     cases = [example_inputs(facts), example_inputs(facts, batch=1, seq=9, past=0)]
@@ -55,6 +65,66 @@ def logits_check(model, facts: dict, session) -> dict:
     return {"logits_max_abs_diff": worst_logits, "present_max_abs_diff": worst_kv, "max_abs_logit": largest,
             "logits_max_rel_diff": worst_logits / max(largest, 1e-12),
             "logits_cases": ["batch 2, seq 3, past 4, row 0 left-padded", "batch 1, seq 9, no past"]}
+
+
+# shared_buffer: prompt lengths of each case (a left-padded batch when several), then DECODE_STEPS more tokens
+SHARED_CASES = [[9], [3, 7]]
+DECODE_STEPS = 2
+
+
+def _left_padded(facts: dict, lengths: list[int], extra: int):
+    """Random ids (B, W + extra) whose rows hold lengths[b] + extra real tokens, left-padded; mask; positions."""
+    g = torch.Generator().manual_seed(0)
+    width = max(lengths) + extra
+    ids = torch.randint(0, facts["vocab_size"], (len(lengths), width), generator=g)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        mask[b, width - n - extra:] = 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # transformers' positions, pads 0
+    return ids, mask, positions
+
+
+def shared_logits_check(model, facts: dict, session, manifest: dict) -> dict:
+    """logits_check for the shared_buffer graph, driven through the runtime's cache (runtime/kv.py).
+
+    Torch runs each case's whole sequence once, without a cache; the graph prefills the prompts (right-aligned
+    into a preallocated buffer) and then decodes DECODE_STEPS tokens one at a time. Compared: every row's logits
+    at its last prompt token and at each decode step, and each row's first len buffer slots against torch's
+    keys/values of that row's real tokens.
+    """
+    from runtime.session import Decoder
+
+    decoder = Decoder(session, "cpu", manifest)
+    wrapper = FlatDecoder(model).eval()
+    presents = output_names(facts["num_layers"])[1:]
+    worst_logits, worst_kv, largest = 0.0, 0.0, 0.0
+    for lengths in SHARED_CASES:
+        ids, mask, positions = _left_padded(facts, lengths, DECODE_STEPS)
+        no_past = example_inputs(facts, batch=len(lengths), past=0)[3:]  # (B, nh, 0, hs) each
+        with torch.no_grad():
+            ref = [t.float().numpy() for t in wrapper(ids, mask, positions, *no_past)]
+        ref_kv = dict(zip(presents, ref[1:]))  # (B, nh, W + steps, hs), left-padded
+        ids, mask, positions = ids.numpy(), mask.numpy(), positions.numpy()
+        width, total = max(lengths), ids.shape[1]
+        cache = decoder.new_cache(len(lengths), capacity=total)
+        got = [decoder.step(ids[:, :width], mask[:, :width], positions[:, :width], cache)]  # (B, 1, vocab)
+        for t in range(width, total):  # each decode step feeds the next token of the sequence
+            got.append(decoder.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache))
+        for k, logits in enumerate(got):  # step k returns the logits of position width - 1 + k
+            want = ref[0][:, width - 1 + k]
+            worst_logits = max(worst_logits, float(np.abs(logits[:, 0].astype(np.float32) - want).max()))
+            largest = max(largest, float(np.abs(want).max()))
+        for past, present in decoder.pairs:
+            buffer = cache.buffers[past].numpy().astype(np.float32)  # (B, nh, capacity, hs), right-aligned rows
+            for b, n in enumerate(cache.lengths.tolist()):
+                diff = np.abs(buffer[b, :, :n] - ref_kv[present][b, :, total - n:]).max()
+                worst_kv = max(worst_kv, float(diff))
+    return {"logits_max_abs_diff": worst_logits, "present_max_abs_diff": worst_kv, "max_abs_logit": largest,
+            "logits_max_rel_diff": worst_logits / max(largest, 1e-12),
+            "logits_cases": [f"shared_buffer through runtime/kv.py: batch {len(c)}, prompt lengths "
+                             f"{'/'.join(map(str, c))}{' left-padded' if len(c) > 1 else ''}, prefill + "
+                             f"{DECODE_STEPS} decode steps" for c in SHARED_CASES],
+            "present_check": "each row's filled KV buffer slots against torch's keys/values of its tokens"}
 
 
 def _hf_greedy(model, tokenizer, prompts: list[str], eos: int) -> list[list[int]]:
@@ -104,7 +174,7 @@ def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: s
         ExportError: never for a numeric failure: a failed validation is recorded and reported by the caller.
     """
     result = {"reference": "torch float32 (transformers eager)", "new_tokens": NEW_TOKENS}
-    result.update(logits_check(model, facts, session))
+    result.update(logits_check(model, facts, session, manifest))
     result.update(greedy_check(model, tokenizer, artifact_dir, eos, manifest))
     result["logits_tolerance"] = LOGITS_ATOL[dtype]
     result["min_greedy_agreement"] = MIN_GREEDY_AGREEMENT[dtype]
@@ -177,11 +247,14 @@ def structural_check(artifact: Path, facts: dict, manifest: dict) -> dict:
     from onnx.external_data_helper import uses_external_data
 
     from .build import DATA_FILE, MODEL_FILE
-    from .trace import output_names
+    from graphs import shared_kv
 
     proto = onnx.load(str(Path(artifact) / MODEL_FILE), load_external_data=False)
     layers, problems = facts["num_layers"], []
-    if [v.name for v in proto.graph.input] != input_names(layers):
+    inputs = input_names(layers)
+    if manifest.get("kv_layout") == shared_kv.KV_LAYOUT:
+        inputs = shared_kv.input_names(inputs)
+    if [v.name for v in proto.graph.input] != inputs:
         problems.append("graph inputs differ from docs/ARTIFACT.md")
     if [v.name for v in proto.graph.output] != output_names(layers):
         problems.append("graph outputs differ from docs/ARTIFACT.md")

@@ -25,8 +25,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .fusion._match import MS_DOMAIN, Reject, RuleResult, ensure_ms_opset
+from .signature import io_spec
 
 NAME = "shared_kv"
+KV_LAYOUT = "shared_buffer"  # the manifest's "kv_layout" for this graph (the default graph has no such key)
 SEQLENS, TOTAL, LOGITS_INDEX = "seqlens_k", "total_sequence_length", "logits_index"
 _NORMS = {("", "LayerNormalization"), (MS_DOMAIN, "SkipLayerNormalization"), (MS_DOMAIN, "LayerNormalization")}
 
@@ -152,22 +154,46 @@ def _remove_mask(graph: ir.Graph, mask: ir.Value) -> None:
             del graph.initializers[name]
 
 
+def record(manifest: dict, model: ir.Model, count: int) -> None:
+    """Describe the rewritten graph in its manifest: kv_layout, the pass's count, the variant's inputs/outputs.
+
+    Used by the exporter (`gptexport --kv-layout shared_buffer`) and by `write_artifact`, so both write the same.
+
+    Args:
+        manifest: the artifact's manifest (its "config" gives the expected count), changed in place.
+        model: the graph after `to_shared_kv`.
+        count: what `to_shared_kv` returned.
+    """
+    manifest["kv_layout"] = KV_LAYOUT
+    passes = manifest.setdefault("passes", {})
+    passes.setdefault("counts", {})[NAME] = count
+    if "config" in manifest:  # one GroupQueryAttention per layer, like the fused attention it replaces
+        passes.setdefault("expected", {})[NAME] = manifest["config"]["num_layers"]
+    manifest["inputs"], manifest["outputs"] = io_spec(model.graph.inputs), io_spec(model.graph.outputs)
+
+
+def input_names(default: list[str]) -> list[str]:
+    """The variant's graph inputs, in order, given the default graph's (docs/ARTIFACT.md)."""
+    return [n for n in default if n != "attention_mask"] + [SEQLENS, TOTAL, LOGITS_INDEX]
+
+
 def write_artifact(source, target) -> int:
     """Copy the artifact at `source` to `target` with its model.onnx rewritten into the shared_kv variant.
 
-    The manifest gains `"kv_layout": "shared_buffer"`, the variant's inputs/outputs and the new file entry, so
-    the runtime verifies it like any artifact. Until the exporter offers the variant (a flag running
-    `to_shared_kv` after fusion and precision), this is how one is made.
+    The manifest is updated by `record` (what `gptexport --kv-layout shared_buffer` writes) and gets the new
+    file entries, so the runtime verifies it like any artifact. The exporter flag is the usual way to make one;
+    this converts an artifact that already exists.
 
     Returns:
         The number of attentions rewritten.
     Raises:
         Reject: see `to_shared_kv`.
     """
-    import hashlib
     import json
     import shutil
     from pathlib import Path
+
+    from runtime.manifest import write_manifest  # the artifact contract's own writer (stdlib only)
 
     source, target = Path(source), Path(target)
     if target.exists():
@@ -179,19 +205,6 @@ def write_artifact(source, target) -> int:
     ir.save(model, target / "model.onnx", external_data="model.onnx.data" if external else None)
     shutil.copy2(source / "tokenizer.json", target / "tokenizer.json")
     manifest = json.loads((source / "manifest.json").read_text())
-    manifest["kv_layout"] = "shared_buffer"
-    manifest.setdefault("passes", {}).setdefault("counts", {})[NAME] = count
-    dtypes = {ir.DataType.INT64: "int64", ir.DataType.INT32: "int32", ir.DataType.FLOAT: "float32",
-              ir.DataType.FLOAT16: "float16"}
-
-    def spec(values):
-        return [{"name": v.name, "dtype": dtypes.get(v.dtype, str(v.dtype)),
-                 "shape": [d if isinstance(d, int) else str(d) for d in v.shape]} for v in values]
-
-    manifest["inputs"], manifest["outputs"] = spec(model.graph.inputs), spec(model.graph.outputs)
-    manifest["files"] = {}
-    for path in sorted(target.iterdir()):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        manifest["files"][path.name] = {"size": path.stat().st_size, "sha256": digest}
-    (target / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    record(manifest, model, count)
+    write_manifest(target, manifest)
     return count

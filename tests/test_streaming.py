@@ -86,6 +86,17 @@ def test_streamed_export_validates_by_reduced_config(checkpoints, tmp_path, dtyp
     assert runtime.load(str(result.output)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
 
 
+def test_streamed_shared_buffer_validates_the_reduced_variant(checkpoints, tmp_path, nan_parameters):
+    """--kv-layout reaches the reduced-config re-export: the variant is validated, and its I/O checked."""
+    ckpt = checkpoints("gpt2")
+    result = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "a"), stream=True, kv_layout="shared_buffer"))
+    v = result.manifest["validation"]
+    assert v["passed"], v
+    assert result.manifest["kv_layout"] == "shared_buffer" and result.manifest["streamed"]
+    assert all("shared_buffer" in case for case in v["logits_cases"])  # the reduced export is the variant too
+    assert v["structural"]["passed"] and v["structural"]["fusion_counts"]["shared_kv"] == 2
+
+
 def test_streamed_external_data_threshold_cli(checkpoints, tmp_path):
     """The > 2 GB path on the streaming writer: a threshold of 0 puts every weight in model.onnx.data."""
     import runtime
