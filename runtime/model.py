@@ -7,8 +7,8 @@
 
 Batches follow transformers' `generate` exactly, so greedy output is token-for-token the same: position ids are
 `cumsum(mask) - 1` (pads 0) at prefill and +1 per step; every row gets a 1 appended to the attention mask per step,
-finished rows are fed `pad_token_id`, and the repetition penalty sees each row's full input (padding included),
-as transformers' processor does.
+finished rows are fed `pad_token_id`, and the repetition penalty sees each row's prompt and generated ids but
+not its left padding, as transformers' processor does (`prompt_ignore_length`, the padding lengths).
 """
 
 import os
@@ -256,7 +256,7 @@ class Model:
         """
         input_ids, mask = self._left_pad(rows)  # (B, L)
         position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
-        seen = [list(ids) for ids in input_ids]  # transformers' penalty sees padding too
+        seen = [list(row.prompt) for row in rows]  # transformers' penalty skips left padding (prompt_ignore_length)
         cache = self.decoder.new_cache(len(rows), capacity=input_ids.shape[1] + params.max_new_tokens)
         rng = np.random.default_rng(seed)
         stats = self.last_stats = Stats(batch=len(rows), prompt_tokens=int(input_ids.shape[1]))
