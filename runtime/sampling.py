@@ -181,6 +181,36 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.minimum(ids, probs.shape[-1] - 1)
 
 
+def next_token_probs(logits: np.ndarray, params: SamplingParams, seen: list, generated: int,
+                     eos_token_id) -> np.ndarray:
+    """The distribution a sampling step draws from: processors, then warpers, then softmax.
+
+    Args:
+        logits, seen, generated, eos_token_id: as `next_tokens`.
+        params: validated settings with do_sample (temperature > 0).
+    Returns:
+        (batch, vocab) float64 probabilities, exactly 0 outside the kept tokens.
+    """
+    return softmax(_warp(_process(logits, params, seen, generated, eos_token_id), params))
+
+
+def _process(logits, params, seen, generated, eos_token_id) -> np.ndarray:
+    """transformers' processors (greedy and sampling): repetition penalty, then min_new_tokens."""
+    scores = logits.astype(np.float32, copy=False)
+    scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
+    return suppress_eos(scores, eos_token_id, generated, params.min_new_tokens)
+
+
+def _warp(scores, params) -> np.ndarray:
+    """transformers' warpers (sampling only): temperature, then top_k, then top_p."""
+    if params.temperature != 1.0:  # shifted by the max first, so a tiny temperature gives -inf, never inf or NaN
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            top = np.max(scores, axis=-1, keepdims=True)
+            scores = (scores - np.where(np.isfinite(top), top, 0)) / np.float64(params.temperature)
+    scores = apply_top_k(scores, params.top_k)
+    return apply_top_p(scores, params.top_p)
+
+
 def next_tokens(logits: np.ndarray, params: SamplingParams, seen: list, generated: int, eos_token_id,
                 rng: np.random.Generator) -> np.ndarray:
     """Choose each row's next token from the last position's logits.
@@ -195,15 +225,6 @@ def next_tokens(logits: np.ndarray, params: SamplingParams, seen: list, generate
     Returns:
         (batch,) int64 token ids.
     """
-    scores = logits.astype(np.float32, copy=False)
-    scores = apply_repetition_penalty(scores, seen, params.repetition_penalty)
-    scores = suppress_eos(scores, eos_token_id, generated, params.min_new_tokens)
     if params.greedy:
-        return np.argmax(scores, axis=-1).astype(np.int64)
-    if params.temperature != 1.0:  # shifted by the max first, so a tiny temperature gives -inf, never inf or NaN
-        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-            top = np.max(scores, axis=-1, keepdims=True)
-            scores = (scores - np.where(np.isfinite(top), top, 0)) / np.float64(params.temperature)
-    scores = apply_top_k(scores, params.top_k)
-    scores = apply_top_p(scores, params.top_p)
-    return sample(softmax(scores), rng)
+        return np.argmax(_process(logits, params, seen, generated, eos_token_id), axis=-1).astype(np.int64)
+    return sample(next_token_probs(logits, params, seen, generated, eos_token_id), rng)
