@@ -15,6 +15,7 @@ import onnx_ir.passes.common as common
 
 from .fusion import RULES
 from .fusion._match import MS_DOMAIN, RuleResult
+from .fusion.matmul_3d import drop_identity_reshapes
 
 
 @dataclass
@@ -39,11 +40,15 @@ def expected_counts(architecture: str, facts: dict) -> dict[str, int]:
     layers = facts["num_layers"]
     if architecture == "gpt2":
         # ln_1 of layer 0 (wte + wpe), ln_2 of every layer, ln_1 of layers 1.. and ln_f all read a sum.
-        return {"rotary": 0, "attention": layers, "skip_layernorm": 2 * layers + 1, "gelu": layers}
+        # matmul_3d: c_attn, attn c_proj, c_fc, mlp c_proj (Conv1D = addmm on a flattened activation).
+        return {"matmul_3d": 4 * layers, "rotary": 0, "attention": layers, "skip_layernorm": 2 * layers + 1,
+                "gelu": layers}
     if architecture == "gptj":
         # GPT-J: attention and MLP both read ln_1(x); ln_1 of layer 0 reads the embedding alone (no sum), the
         # ln_1 of layers 1.. and ln_f read x + attn + mlp. Rotary: q and k of every layer.
-        return {"rotary": 2 * layers, "attention": layers, "skip_layernorm": layers, "gelu": layers}
+        # nn.Linear traces as MatMul on the 3-D activation already: no matmul_3d rewrite.
+        return {"matmul_3d": 0, "rotary": 2 * layers, "attention": layers, "skip_layernorm": layers,
+                "gelu": layers}
     raise ValueError(f"no fusion counts for architecture {architecture!r}; known: gpt2, gptj")
 
 
@@ -68,6 +73,7 @@ def fuse(model: ir.Model, architecture: str, facts: dict) -> FusionReport:
 
 
 def _cleanup(model: ir.Model) -> None:
+    drop_identity_reshapes(model)  # matmul_3d's Reshape of the attention context, now (B, T, D) already
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
               common.TopologicalSortPass()):
         p(model)

@@ -1,7 +1,9 @@
 """Fusion rules: each turns a traced pattern into one onnxruntime contrib op (domain com.microsoft).
 
-Rules run in this order (rotary first: attention then sees RotaryEmbedding outputs as its q and k):
+Rules run in this order (matmul_3d first: its bias Adds are what skip_layernorm and gelu absorb; rotary before
+attention: attention then sees RotaryEmbedding outputs as its q and k):
 
+    matmul_3d       Reshape-Gemm-Reshape projection   -> MatMul (+ Add bias) on the (B, T, K) activation
     rotary          GPT-J interleaved partial rotary  -> RotaryEmbedding(interleaved=1, rotary_embedding_dim)
     attention       QK^T*scale+mask, softmax, @V, KV  -> MultiHeadAttention (past/present in the graph's names)
     skip_layernorm  residual Add + LayerNorm          -> SkipLayerNormalization (+ a MatMul's bias)
@@ -27,14 +29,16 @@ from __future__ import annotations
 
 from .attention import fuse_attention
 from .gelu import fuse_gelu
+from .matmul_3d import fuse_matmul_3d
 from .rotary import fuse_rotary
 from .skip_layernorm import fuse_skip_layernorm
 
 RULES = [
+    ("matmul_3d", fuse_matmul_3d),
     ("rotary", fuse_rotary),
     ("attention", fuse_attention),
     ("skip_layernorm", fuse_skip_layernorm),
     ("gelu", fuse_gelu),
 ]
 
-__all__ = ["RULES", "fuse_attention", "fuse_gelu", "fuse_rotary", "fuse_skip_layernorm"]
+__all__ = ["RULES", "fuse_attention", "fuse_gelu", "fuse_matmul_3d", "fuse_rotary", "fuse_skip_layernorm"]

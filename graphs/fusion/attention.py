@@ -101,6 +101,7 @@ def _rewrite(graph: ir.Graph, m: dict) -> None:
                   dict(num_heads=m["num_heads"], scale=m["scale"]), f"{prefix}/MultiHeadAttention", num_outputs=3)
     out3, present_k, present_v = mha.outputs
     out3.name = f"{prefix}/MultiHeadAttention/output_0"
+    out3.type, out3.shape = m["q3"].type, m["q3"].shape  # (B, T, D): the context, heads merged
     new = [mha]
     out = m["out"]  # (B, T, nh, hs): reshapes of it read the same memory from (B, T, D)
     if all(u.op_type == "Reshape" and u.inputs[0] is out for u in out.consumers()):

@@ -8,10 +8,12 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common
 from onnx import TensorProto, helper, numpy_helper
 
 from fusion_testing import session
-from graphs.fusion import fuse_attention, fuse_gelu, fuse_rotary, fuse_skip_layernorm
+from graphs.fusion import fuse_attention, fuse_gelu, fuse_matmul_3d, fuse_rotary, fuse_skip_layernorm
+from graphs.fusion.matmul_3d import drop_identity_reshapes
 from graphs.fusion._match import RuleResult
 
 RULE_ATOL = 1e-5  # fp32, one fused op against the ops it replaces
@@ -82,6 +84,46 @@ def test_gelu_fuses():
 
 def test_gelu_rejects_other_coefficient():
     _rejected(_gelu(cubic=0.05), fuse_gelu, "cubic coefficient")
+
+
+# --- matmul_3d ------------------------------------------------------------------------------------------------
+def _projection(x_shape=(2, 3, 8), restore=(2, 3, 6), bias=True, trans_b=0):
+    """GPT-2 Conv1D as traced: Reshape(-1, K) - Gemm(W (8, 6), c) - Reshape(restore)."""
+    g = G()
+    rng = np.random.default_rng(0)
+    x = g.input("x", list(x_shape))
+    flat = g.op("Reshape", x, g.const(np.array([-1, 8], np.int64)))
+    w = rng.standard_normal((6, 8) if trans_b else (8, 6)).astype(np.float32)
+    inputs = [flat, g.const(w)] + ([g.const(rng.standard_normal(6).astype(np.float32))] if bias else [])
+    g.op("Reshape", g.op("Gemm", *inputs, transB=trans_b), g.const(np.array(restore, np.int64)), out="y")
+    return g.model("y")
+
+
+def test_matmul_3d_rewrites_projection():
+    x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)
+    for bias in (True, False):
+        model = _check(lambda: _projection(bias=bias), fuse_matmul_3d, {"x": x})
+        common.RemoveUnusedNodesPass()(model)
+        ops = [n.op_type for n in model.graph]
+        assert ops == (["MatMul", "Add"] if bias else ["MatMul"]), ops
+
+
+def test_matmul_3d_unflattens_4d_context_and_drops_identity_reshape():
+    """(B, T, nh, hs) -> Reshape(-1, K): a Reshape(0, 0, -1) is kept, and dropped once it sees rank 3."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 2, 4)).astype(np.float32)
+    model = _check(lambda: _projection(x_shape=(2, 3, 2, 4)), fuse_matmul_3d, {"x": x})
+    assert drop_identity_reshapes(model) == 0  # its input is rank 4: not an identity
+    reshape = next(n for n in model.graph if n.op_type == "Reshape" and n.outputs[0].consumers())
+    reshape.inputs[0].shape = ir.Shape([2, 3, 8])  # as after attention fusion: the context is (B, T, D)
+    assert drop_identity_reshapes(model) == 1
+
+
+def test_matmul_3d_rejects_transposed_weight():
+    _rejected(_projection(trans_b=1), fuse_matmul_3d, "transA or transB")
+
+
+def test_matmul_3d_rejects_reshape_that_does_not_restore_leading_dims():
+    _rejected(_projection(restore=(3, 2, 6)), fuse_matmul_3d, "do not restore (B, T)")
 
 
 # --- skip layer norm ------------------------------------------------------------------------------------------
