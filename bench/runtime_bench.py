@@ -201,15 +201,10 @@ def _prepare(work: Path, optimum_python: str | None, engines: list) -> dict:
             _run(["gptexport", "gpt2", "--random-weights", "-o", art, "--force"] + ([flag] if flag else []),
                  f"export {precision}")
         table[f"ours-{precision}"] = ("ours", art, "", _dir_bytes(art, ".onnx", ".data"))
-        inplace = work / f"ours-{precision}-inplace"  # graphs/shared_kv.py: the in-place KV cache variant
+        inplace = work / f"ours-{precision}-inplace"  # --kv-layout shared_buffer: the in-place KV cache graph
         if f"ours-{precision}-inplace" in engines and not (inplace / "manifest.json").exists():
-            sys.path.insert(0, str(REPO))
-            from graphs.shared_kv import write_artifact
-
-            if not (art / "manifest.json").exists():
-                _run(["gptexport", "gpt2", "--random-weights", "-o", art, "--force"] + ([flag] if flag else []),
-                     f"export {precision}")
-            write_artifact(art, inplace)
+            _run(["gptexport", "gpt2", "--random-weights", "-o", inplace, "--force", "--kv-layout", "shared_buffer"]
+                 + ([flag] if flag else []), f"export {precision} shared_buffer")
         table[f"ours-{precision}-inplace"] = ("ours", inplace, "", _dir_bytes(inplace, ".onnx", ".data"))
     for quant in ("float32", "int8"):
         out = work / f"ct2-{quant}"
