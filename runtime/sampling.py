@@ -142,6 +142,20 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> np.ndarray:
     """
     if top_p >= 1.0:
         return logits
+    kept = np.isfinite(logits)
+    if kept.all(axis=-1).any() or not kept.any(axis=-1).all():
+        return _top_p_rows(logits, top_p)
+    # After top_k most of the vocabulary is already -inf: its probability is 0, so it adds nothing to the
+    # cumulative sum; sorting only the candidates of each row gives the same cut ~1000x cheaper for k = 50.
+    out = np.full_like(logits, -np.inf)
+    for row in range(logits.shape[0]):
+        idx = np.flatnonzero(kept[row])
+        out[row, idx] = _top_p_rows(logits[row, idx][None, :], top_p)[0]
+    return out
+
+
+def _top_p_rows(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """apply_top_p on whole (B, V) rows: one stable ascending sort per row."""
     order = np.argsort(logits, axis=-1, kind="stable")  # ascending, (B, V)
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
     cumulative = np.cumsum(softmax(sorted_logits), axis=-1)

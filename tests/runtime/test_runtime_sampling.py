@@ -114,3 +114,18 @@ def test_validation_messages(kwargs, message):
         SamplingParams.create(**settings)
     with pytest.raises(ValueError):  # GenerationError is a ValueError too
         SamplingParams.create(**settings)
+
+
+def test_top_p_after_top_k_sorts_only_the_candidates_with_the_same_cut():
+    """The fast path (rows already cut by top_k) keeps exactly what sorting the whole row keeps, ties included."""
+    from runtime.sampling import _top_p_rows
+
+    rng = np.random.default_rng(7)
+    for case in range(200):
+        vocab = int(rng.integers(5, 300))
+        logits = (rng.standard_normal((3, vocab)) * rng.choice([0.01, 1.0, 5.0])).astype(np.float32)
+        if case % 3 == 0:
+            logits = np.round(logits, 1)  # many ties
+        cut = apply_top_k(logits, int(rng.integers(1, vocab)))
+        top_p = float(rng.choice([0.1, 0.25, 0.5, 0.9, 0.999]))
+        np.testing.assert_array_equal(apply_top_p(cut, top_p), _top_p_rows(cut, top_p))
