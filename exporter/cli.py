@@ -31,6 +31,15 @@ class _Progress:
             self.console.print(f"[green]✓[/green] [{index}/{len(STEPS)}] {name:<9} {seconds:7.2f} s")
 
 
+def _ties(v: dict) -> str:
+    """", 1 tie within 0.2 (strict 0.817)" when divergences at near-tied logits were excused; else ""."""
+    ties = sum(1 for row in v.get("greedy_cases", []) if row.get("tie"))
+    if not ties:
+        return ""
+    return (f" ({ties} tie{'s' if ties > 1 else ''} within {v['greedy_tie_tolerance']:g} of torch's logits, strict "
+            f"{v['greedy_agreement_strict']:.3f})")
+
+
 def _summary(result) -> str:
     m = result.manifest
     v = m["validation"]
@@ -52,7 +61,8 @@ def _summary(result) -> str:
         lines.append(f"validation: {'passed' if v['passed'] else 'FAILED'}: logits max abs diff "
                      f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}), presents "
                      f"{'n/a' if presents is None else format(presents, '.3g')}, greedy agreement "
-                     f"{v['greedy_agreement']:.3f} over {len(v['greedy_cases'])} prompts (incl. a left-padded batch)")
+                     f"{v['greedy_agreement']:.3f}{_ties(v)} over {len(v['greedy_cases'])} prompts (incl. a left-padded "
+                     f"batch)")
     return "\n".join(lines)
 
 
