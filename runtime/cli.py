@@ -83,6 +83,8 @@ def summarize(manifest: dict) -> list:
         f"hidden {config.get('hidden_size')}, vocab {config['vocab_size']}, {config['max_positions']} positions"
         + (f", rotary_dim {config['rotary_dim']}" if config.get("rotary_dim") else ""),
         f"dtype:        {manifest['dtype']} (kv {manifest['kv_dtype']})",
+        "kv layout:    " + ("shared_buffer (in-place: one preallocated buffer per request, written by the graph)"
+                            if manifest.get("kv_layout") == "shared_buffer" else "concat (past + new each step)"),
         "passes:       " + (", ".join(f"{k}={v}" for k, v in passes.get("counts", {}).items()) or "none")
         + ("" if passes.get("fused") else " (not fused)"),
         "validation:   " + (", ".join(f"{k}={v}" for k, v in validation.items() if not isinstance(v, (list, dict)))

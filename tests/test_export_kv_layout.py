@@ -109,6 +109,10 @@ def test_cli_fp16_summary(tiny_export, tmp_path):
     assert "validation: passed" in proc.stdout, proc.stdout
     manifest = runtime.load(str(tmp_path / "out")).manifest
     assert manifest["kv_layout"] == "shared_buffer" and manifest["kv_dtype"] == "float16"
+    from runtime.cli import summarize
+    from runtime.manifest import read_manifest
+
+    assert any(line.startswith("kv layout:    shared_buffer") for line in summarize(read_manifest(tmp_path / "out")))
 
 
 def test_no_fuse_is_refused_in_one_line(tmp_path):

@@ -32,7 +32,8 @@ def test_stream_and_stats(artifact):
 def test_info(artifact):
     result = gptrun("info", artifact)
     assert result.returncode == 0, result.stderr
-    for text in ("fake", "2 layers", "2 heads x 4", "float32", "model.onnx", "tokenizer.json", "greedy_agreement"):
+    for text in ("fake", "2 layers", "2 heads x 4", "float32", "kv layout:    concat", "model.onnx", "tokenizer.json",
+                 "greedy_agreement"):
         assert text in result.stdout
 
 
