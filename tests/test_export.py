@@ -10,14 +10,13 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 import runtime
 from exporter.presets import ARCHITECTURES
 from exporter.trace import input_names
 
-from tiny_models import TINY_CONFIGS
+from tiny_models import TINY_CONFIGS, hf_greedy
 
 # fp32 graph against fp32 torch: differences come only from kernel summation order.
 FP32_LOGITS_ATOL = 1e-4
@@ -25,18 +24,6 @@ NAMES = list(TINY_CONFIGS)
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog"]
 PADDED = ["Hi", "Once upon a time, in a land far away, there lived a"]
 NEW = 16
-
-
-def hf_greedy(model, tokenizer: Tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
-    """transformers' greedy generate on a left-padded batch; returns the new token ids per row."""
-    encoded = [tokenizer.encode(p).ids for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[50256] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=50256, eos_token_id=50256)
-    return [row[width:].tolist() for row in out]
 
 
 def test_every_architecture_has_a_parity_case():

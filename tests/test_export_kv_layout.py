@@ -9,7 +9,6 @@ combinations are one line and exit code 2, before any work.
 from __future__ import annotations
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 import runtime
@@ -19,7 +18,7 @@ from exporter.validate import logits_check
 from graphs import shared_kv
 from graphs.precision import LOGITS_ATOL
 from test_export_cli import assert_one_line_error, gptexport
-from tiny_models import make_checkpoint
+from tiny_models import hf_greedy, make_checkpoint
 
 NAMES = ["gpt2", "gptj-partial-rotary"]
 PADDED = ["Hi", "Once upon a time, in a land far away, there lived a", "The quick brown fox"]
@@ -64,14 +63,7 @@ def test_export_validates_and_the_manifest_describes_the_variant(shared_export, 
 def test_greedy_equals_transformers_on_a_padded_batch(shared_export, hf_model, name):
     ckpt, result = shared_export(name)
     tokenizer = Tokenizer.from_file(str(result.output / "tokenizer.json"))
-    encoded = [tokenizer.encode(p).ids for p in PADDED]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[50256] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    with torch.no_grad():
-        out = hf_model(ckpt).generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
-                                      min_new_tokens=NEW, pad_token_id=50256, eos_token_id=50256)
-    theirs = [row[width:].tolist() for row in out]
+    theirs = hf_greedy(hf_model(ckpt), tokenizer, PADDED, NEW)
     ours = runtime.load(str(result.output)).generate(PADDED, max_new_tokens=NEW, min_new_tokens=NEW,
                                                      return_tokens=True)[1]
     assert ours == theirs

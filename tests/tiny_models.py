@@ -1,4 +1,5 @@
-"""Tiny random GPT-2 / GPT-J configs for parity tests, saved as real checkpoint directories."""
+"""Tiny random GPT-2 / GPT-J configs for parity tests, saved as real checkpoint directories, and transformers'
+`generate` on a left-padded batch as the reference the runtime is compared with."""
 
 from __future__ import annotations
 
@@ -28,3 +29,25 @@ def make_checkpoint(directory, name: str, seed: int = 0):
     model.save_pretrained(str(directory))
     gpt2_tokenizer(config.vocab_size).save(str(directory / "tokenizer.json"))
     return model
+
+
+PAD = 50256  # GPT-2's <|endoftext|>: pad and default eos of every tiny checkpoint
+
+
+def hf_generate(model, tokenizer, prompts: list[str], eos: int = PAD, **kwargs) -> list[list[int]]:
+    """transformers' generate (no sampling) on a left-padded batch; the new ids per row (ended rows padded)."""
+    import torch
+
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[PAD] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
+                             eos_token_id=eos, **kwargs)
+    return [row[width:].tolist() for row in out]
+
+
+def hf_greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy tokens, exactly `new_tokens` per row."""
+    return hf_generate(model, tokenizer, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)

@@ -72,6 +72,24 @@ def rank(value: ir.Value) -> int | None:
     return None if value.shape is None else len(value.shape)
 
 
+def matmul_bias(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """value = Add(MatMul(...), constant bias (D,)) -> (MatMul output, bias), else None: a bias a kernel can take."""
+    node = value.producer()
+    if node is None or node.op_type != "Add":
+        return None
+    for i in (0, 1):
+        src, bias = node.inputs[i], node.inputs[1 - i]
+        array = const_array(bias)
+        if src.producer() is not None and src.producer().op_type == "MatMul" and array is not None and array.ndim == 1:
+            return src, bias
+    return None
+
+
+def same_dims(a, b) -> bool:
+    """Two shapes (or slices of shapes) with the same dims, symbolic ones compared by name."""
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
 def other_input(node: ir.Node, value: ir.Value) -> ir.Value:
     """For a binary node with `value` as one input, the other input."""
     a, b = node.inputs[0], node.inputs[1]

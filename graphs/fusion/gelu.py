@@ -12,7 +12,7 @@ import math
 
 import onnx_ir as ir
 
-from ._match import (Reject, RuleResult, apply_rule, const_array, const_scalar, expect_close, ms_node,
+from ._match import (Reject, RuleResult, apply_rule, const_array, const_scalar, expect_close, matmul_bias, ms_node,
                      other_input, producer, scope)
 
 NAME = "gelu"
@@ -60,19 +60,7 @@ def _match(tanh: ir.Node) -> dict:
     expect_close(c, 0.5, "half")
     if half_x is not x:
         raise Reject("0.5 x is not of the same x")
-    return dict(x=x, out=final.outputs[0], final=final, tanh=tanh, bias=_bias(x))
-
-
-def _bias(x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
-    """x = Add(MatMul, bias (D,)) -> (MatMul output, bias), else None. x's users are all inside the gelu."""
-    node = x.producer()
-    if node is None or node.op_type != "Add":
-        return None
-    for i in (0, 1):
-        src, array = node.inputs[i], const_array(node.inputs[1 - i])
-        if src.producer() is not None and src.producer().op_type == "MatMul" and array is not None and array.ndim == 1:
-            return src, node.inputs[1 - i]
-    return None
+    return dict(x=x, out=final.outputs[0], final=final, tanh=tanh, bias=matmul_bias(x))
 
 
 def _rewrite(graph: ir.Graph, m: dict) -> None:

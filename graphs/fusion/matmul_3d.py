@@ -21,14 +21,11 @@ import math
 
 import onnx_ir as ir
 
-from ._match import Reject, RuleResult, adopt_output, apply_rule, const_array, int_attr, producer, scope
+from ._match import (Reject, RuleResult, adopt_output, apply_rule, const_array, int_attr, producer, same_dims,
+                     scope)
 
 NAME = "matmul_3d"
 _KEEP_LEADING = [0, 0, -1]  # Reshape target: keep B and T, flatten the rest
-
-
-def _dims_equal(a, b) -> bool:
-    return all(str(x) == str(y) for x, y in zip(a, b)) and len(a) == len(b)
 
 
 def _match(graph: ir.Graph, gemm: ir.Node) -> dict:
@@ -55,7 +52,7 @@ def _match(graph: ir.Graph, gemm: ir.Node) -> dict:
     y = users[0].outputs[0]
     if x.shape is None or y.shape is None or len(x.shape) < 3 or len(y.shape) != 3:
         raise Reject(f"shapes not known as (B, T, ...) -> (B, T, N): {x.shape} -> {y.shape}")
-    if not _dims_equal(x.shape[:2], y.shape[:2]) or str(y.shape[2]) != str(n):
+    if not same_dims(x.shape[:2], y.shape[:2]) or str(y.shape[2]) != str(n):
         raise Reject(f"the reshapes do not restore (B, T) of the input: {x.shape} -> {y.shape}")
     inner = x.shape[2:]
     if not all(isinstance(d, int) for d in inner) or math.prod(inner) != k:

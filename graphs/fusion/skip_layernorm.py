@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ._match import Reject, RuleResult, apply_rule, const_array, int_attr, ms_node, producer, scope
+from ._match import (Reject, RuleResult, apply_rule, const_array, int_attr, matmul_bias, ms_node, producer,
+                     same_dims, scope)
 
 NAME = "skip_layernorm"
 
@@ -20,20 +21,12 @@ NAME = "skip_layernorm"
 def _same_shape(a: ir.Value, b: ir.Value) -> bool:
     if a.shape is None or b.shape is None or len(a.shape) != 3 or len(b.shape) != 3:
         return False
-    return all(str(x) == str(y) for x, y in zip(a.shape, b.shape))
+    return same_dims(a.shape, b.shape)
 
 
 def _bias(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
     """value = Add(MatMul(...), bias (D,)) used once -> (MatMul output, bias), else None."""
-    node = value.producer()
-    if node is None or node.op_type != "Add" or len(value.consumers()) != 1:
-        return None
-    for i in (0, 1):
-        src, bias = node.inputs[i], node.inputs[1 - i]
-        array = const_array(bias)
-        if src.producer() is not None and src.producer().op_type == "MatMul" and array is not None and array.ndim == 1:
-            return src, bias
-    return None
+    return matmul_bias(value) if len(value.consumers()) == 1 else None
 
 
 def _match(ln: ir.Node) -> dict:

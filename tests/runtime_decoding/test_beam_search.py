@@ -7,13 +7,12 @@ token the greedy path produces early, passed to both sides.
 from __future__ import annotations
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 import runtime
 from runtime.errors import GenerationError
+from tiny_models import PAD, hf_generate
 
-PAD = 50256
 SINGLE = ["Hello world"]
 PADDED = ["Hi", "Once upon a time, in a land far away"]
 NEW = 10
@@ -36,14 +35,7 @@ def pair(tiny_export, hf_model):
 
 def hf_beam(model, tokenizer, prompts, eos=PAD, **kwargs) -> list[list[int]]:
     """transformers' beam search on a left-padded batch; new ids per row (shorter rows padded with PAD)."""
-    encoded = [tokenizer.encode(p).ids for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[PAD] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
-                             eos_token_id=eos, **kwargs)
-    return [row[width:].tolist() for row in out]
+    return hf_generate(model, tokenizer, prompts, eos=eos, **kwargs)
 
 
 def check(model, hf, tokenizer, prompts, eos=None, **kwargs):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 import runtime
 from graphs.fusion._match import Reject
 from graphs.shared_kv import to_shared_kv, write_artifact
+from tiny_models import hf_greedy
 
 FP32_LOGITS_ATOL = 1e-4  # same kernels' math in another order (GroupQueryAttention vs MultiHeadAttention)
 NAMES = ["gpt2", "gptj-partial-rotary"]
@@ -36,17 +36,6 @@ def shared(tiny_export, tmp_path_factory):
         return made[name]
 
     return get
-
-
-def _hf_greedy(model, tokenizer, prompts, new_tokens):
-    encoded = [tokenizer.encode(p).ids for p in prompts]
-    width = max(map(len, encoded))
-    ids = torch.tensor([[50256] * (width - len(e)) + e for e in encoded])
-    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=50256, eos_token_id=50256)
-    return [row[width:].tolist() for row in out]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -75,9 +64,9 @@ def test_greedy_equals_transformers_on_a_padded_batch(shared, hf_model, name):
     ckpt, _, shared_dir = shared(name)
     model = runtime.load(shared_dir)
     tokenizer = Tokenizer.from_file(str(shared_dir / "tokenizer.json"))
-    theirs = _hf_greedy(hf_model(ckpt), tokenizer, PADDED, NEW)
+    theirs = hf_greedy(hf_model(ckpt), tokenizer, PADDED, NEW)
     assert model.generate(PADDED, max_new_tokens=NEW, min_new_tokens=NEW, return_tokens=True)[1] == theirs
-    single = _hf_greedy(hf_model(ckpt), tokenizer, PADDED[1:2], NEW)
+    single = hf_greedy(hf_model(ckpt), tokenizer, PADDED[1:2], NEW)
     assert model.generate(PADDED[1], max_new_tokens=NEW, min_new_tokens=NEW, return_tokens=True)[1] == single[0]
 
 
