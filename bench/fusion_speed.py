@@ -81,9 +81,9 @@ def main():
     import torch
     import transformers
 
-    from exporter.presets import ARCHITECTURES, PRESETS
-    from exporter.trace import trace
-    from graphs.pipeline import expected_counts, fuse, shortfalls
+    from gptexport.exporter.presets import ARCHITECTURES, PRESETS
+    from gptexport.exporter.trace import trace
+    from gptexport.graphs.pipeline import expected_counts, fuse, shortfalls
 
     config = transformers.GPT2Config(**PRESETS["gpt2"].config)
     config._attn_implementation = "eager"

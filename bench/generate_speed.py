@@ -21,8 +21,7 @@ def _prompt(tokenizer, n: int) -> str:
 
 
 def _time_ours(artifact: str, prompt: str, new_tokens: int) -> dict:
-    import runtime
-
+    from gptexport import runtime
     start = time.perf_counter()
     model = runtime.load(artifact)
     load_s = time.perf_counter() - start
@@ -60,8 +59,8 @@ def main() -> None:
 
     import torch
 
-    from exporter.build import ExportOptions, export
-    from exporter.load import load
+    from gptexport.exporter.build import ExportOptions, export
+    from gptexport.exporter.load import load
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -30,9 +30,9 @@ def make_checkpoint(directory: Path, seed: int = 0) -> None:
     sys.path.insert(0, str(REPO))
     import transformers
 
-    from exporter import stream
-    from exporter.presets import PRESETS
-    from exporter.tokenizer import gpt2_tokenizer
+    from gptexport.exporter import stream
+    from gptexport.exporter.presets import PRESETS
+    from gptexport.exporter.tokenizer import gpt2_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     config = transformers.GPTJConfig(**PRESETS["gpt-j-6b"].config)
@@ -51,7 +51,7 @@ def make_checkpoint(directory: Path, seed: int = 0) -> None:
 
 def _prompt_ids(n: int) -> list[int]:
     sys.path.insert(0, str(REPO))
-    from exporter.tokenizer import gpt2_tokenizer
+    from gptexport.exporter.tokenizer import gpt2_tokenizer
 
     tok = gpt2_tokenizer(50400)
     ids = tok.encode(TEXT).ids[:n]
@@ -61,8 +61,7 @@ def _prompt_ids(n: int) -> list[int]:
 
 def _worker_ours(path: str, ids: list[int], new: int, threads: int) -> dict:
     sys.path.insert(0, str(REPO))
-    import runtime
-
+    from gptexport import runtime
     start = time.perf_counter()
     model = runtime.load(path, verify="size")
     load_s = time.perf_counter() - start

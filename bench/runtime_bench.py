@@ -68,8 +68,7 @@ def _measure(generate, prompts: dict, repeats: int) -> dict:
 
 def _worker_ours(args, prompts) -> dict:
     sys.path.insert(0, str(REPO))
-    import runtime
-
+    from gptexport import runtime
     start = time.perf_counter()
     model = runtime.load(args.path, verify="size")
     load_s = time.perf_counter() - start
@@ -188,7 +187,7 @@ def _prepare(work: Path, optimum_python: str | None, engines: list) -> dict:
         from transformers import PreTrainedTokenizerFast
 
         sys.path.insert(0, str(REPO))
-        from exporter.load import load
+        from gptexport.exporter.load import load
 
         loaded = load("gpt2", random_weights=True)  # seed 0: the weights of `gptexport gpt2 --random-weights`
         loaded.model.save_pretrained(ckpt)
@@ -305,7 +304,7 @@ def main() -> None:
     optimum_python = args.optimum_python if Path(args.optimum_python).exists() else None
     table = _prepare(work, optimum_python, engines)
     sys.path.insert(0, str(REPO))
-    from exporter.tokenizer import gpt2_tokenizer
+    from gptexport.exporter.tokenizer import gpt2_tokenizer
 
     prompts_file = work / "prompts.json"
     prompts_file.write_text(json.dumps(_prompts(gpt2_tokenizer())))

@@ -1,3 +1,5 @@
 """gptexport's exporter: transformers GPT-2 / GPT-J (torch) -> ONNX artifact directory."""
 
-__version__ = "0.1.0"
+from gptexport import __version__
+
+__all__ = ["__version__"]

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, checksum_files
+from gptexport.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, checksum_files
 
 from .passes import run_passes
 from .presets import ExportError
@@ -113,7 +113,7 @@ def save_graph(ir_model, directory: Path, threshold: int) -> None:
 
 
 def _manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
-    from graphs.signature import DTYPE_NAMES, io_spec
+    from gptexport.graphs.signature import DTYPE_NAMES, io_spec
 
     from . import __version__
 
@@ -170,7 +170,7 @@ def write_artifact(loaded, facts: dict, opts: ExportOptions, directory: Path, re
         loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
         manifest = _manifest(loaded, facts, ir_model, opts, passes)
         if shared is not None:
-            from graphs.shared_kv import record
+            from gptexport.graphs.shared_kv import record
 
             record(manifest, ir_model, shared)
         manifest["files"] = checksum_files(directory)
@@ -183,8 +183,8 @@ def _to_shared_kv(ir_model) -> int:
     Raises:
         ExportError: the fused graph does not fit the variant (e.g. attention fusion fell short), with the reason.
     """
-    from graphs.fusion._match import Reject
-    from graphs.shared_kv import to_shared_kv
+    from gptexport.graphs.fusion._match import Reject
+    from gptexport.graphs.shared_kv import to_shared_kv
 
     try:
         return to_shared_kv(ir_model)

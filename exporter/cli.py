@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from runtime.errors import GptexportError
+from gptexport.runtime.errors import GptexportError
 
 from .build import KV_LAYOUTS, STEPS, ExportOptions, export
 from .presets import PRESETS

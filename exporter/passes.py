@@ -39,7 +39,7 @@ def run_passes(ir_model, architecture: str, facts: dict, fuse: bool = True, dtyp
 
 
 def _fuse(ir_model, architecture, facts, section, strict) -> None:
-    from graphs.pipeline import expected_counts, fuse, shortfalls
+    from gptexport.graphs.pipeline import expected_counts, fuse, shortfalls
 
     report = fuse(ir_model, architecture, facts)
     section["counts"].update(report.counts)
@@ -50,7 +50,7 @@ def _fuse(ir_model, architecture, facts, section, strict) -> None:
 
 
 def _precision(ir_model, dtype, section) -> None:
-    from graphs.precision import quantize_int4, quantize_int8, to_fp16
+    from gptexport.graphs.precision import quantize_int4, quantize_int8, to_fp16
 
     skipped: dict = {}
     if dtype == "float16":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime.errors import GptexportError
+from gptexport.runtime.errors import GptexportError
 
 
 class ExportError(GptexportError):

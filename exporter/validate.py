@@ -21,7 +21,7 @@ from .trace import FlatDecoder, example_inputs, input_names, output_names
 
 # Named tolerances per precision (largest |logits difference| against torch fp32; fraction of greedy tokens equal
 # to torch's before the first divergence), measured and explained in graphs/precision/__init__.py.
-from graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT  # noqa: E402
+from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT  # noqa: E402
 VALIDATION_PROMPTS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog because",
@@ -92,7 +92,7 @@ def shared_logits_check(model, facts: dict, session, manifest: dict) -> dict:
     at its last prompt token and at each decode step, and each row's first len buffer slots against torch's
     keys/values of that row's real tokens.
     """
-    from runtime.session import Decoder
+    from gptexport.runtime.session import Decoder
 
     decoder = Decoder(session, "cpu", manifest)
     wrapper = FlatDecoder(model).eval()
@@ -158,8 +158,7 @@ def greedy_check(model, tokenizer, artifact_dir: str, eos: int, manifest: dict |
     not an error, and the row counts as agreeing: `greedy_agreement` is that figure, `greedy_agreement_strict`
     counts every divergence, and each tie is listed with torch's logit gap.
     """
-    import runtime
-
+    from gptexport import runtime
     rt = runtime.load(artifact_dir, verify="size", manifest=manifest)
     cases = [[p] for p in VALIDATION_PROMPTS] + [PADDED_BATCH]
     total, agreed, strict, rows = 0, 0, 0, []
@@ -262,7 +261,7 @@ def structural_check(artifact: Path, facts: dict, manifest: dict) -> dict:
     from onnx.external_data_helper import uses_external_data
 
     from .build import DATA_FILE, MODEL_FILE
-    from graphs import shared_kv
+    from gptexport.graphs import shared_kv
 
     proto = onnx.load(str(Path(artifact) / MODEL_FILE), load_external_data=False)
     layers, problems = facts["num_layers"], []

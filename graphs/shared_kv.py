@@ -193,7 +193,7 @@ def write_artifact(source, target) -> int:
     import shutil
     from pathlib import Path
 
-    from runtime.manifest import write_manifest  # the artifact contract's own writer (stdlib only)
+    from gptexport.runtime.manifest import write_manifest  # the artifact contract's own writer (stdlib only)
 
     source, target = Path(source), Path(target)
     if target.exists():

@@ -1,6 +1,6 @@
 """gptexport's torch-free runtime: numpy + onnxruntime + tokenizers.
 
-    from runtime import load
+    from gptexport.runtime import load
     model = load("out/gpt2")
     print(model.generate("Hello", max_new_tokens=20))
 """

@@ -7,11 +7,26 @@ tests exercise the same path a user takes with a downloaded model: local dir -> 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("GPTEXPORT_CACHE_DIR", "/tmp/gptexport-test-cache")
+
+
+
+class _OldNames:
+    """The repository's exporter/, graphs/ and runtime/ folders are importable from its root under their bare
+    names; only `gptexport.*` is installed, so a test importing a bare name would pass here and fail for a user."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("exporter", "graphs", "runtime"):
+            raise ImportError(f"import {name!r} as 'gptexport.{name}': the bare name is not installed")
+        return None
+
+
+sys.meta_path.insert(0, _OldNames())
 
 from tiny_models import make_checkpoint  # noqa: E402
 
@@ -19,7 +34,7 @@ from tiny_models import make_checkpoint  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """name -> (checkpoint dir, artifact dir, manifest); each exported once, lazily."""
-    from exporter.build import ExportOptions, export
+    from gptexport.exporter.build import ExportOptions, export
 
     cache = {}
 

@@ -12,9 +12,9 @@ import onnxruntime as ort
 import pytest
 from tokenizers import Tokenizer
 
-import runtime
-from exporter.presets import ARCHITECTURES
-from exporter.trace import input_names
+from gptexport import runtime
+from gptexport.exporter.presets import ARCHITECTURES
+from gptexport.exporter.trace import input_names
 
 from tiny_models import TINY_CONFIGS, hf_greedy
 
@@ -122,18 +122,21 @@ def test_seeded_sampling_is_reproducible(tiny_export):
 
 TORCH_FREE_CHILD = """
 import json, sys
-BLOCKED = {"torch", "transformers", "onnx", "onnx_ir", "onnxscript", "exporter", "graphs"}
+BLOCKED = {"torch", "transformers", "onnx", "onnx_ir", "onnxscript", "gptexport.exporter", "gptexport.graphs"}
+
+def blocked(name):
+    return any(name == b or name.startswith(b + ".") for b in BLOCKED)
 
 class Blocker:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
+        if blocked(name):
             raise ImportError(name + " is blocked")
 
 sys.meta_path.insert(0, Blocker())
-import runtime
+from gptexport import runtime
 _, tokens = runtime.load(sys.argv[1]).generate(json.loads(sys.argv[2]), max_new_tokens=8, min_new_tokens=8,
                                                  return_tokens=True)
-assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+assert not [m for m in sys.modules if blocked(m)]
 print(json.dumps(tokens))
 """
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from exporter.build import ExportOptions, export
-from exporter.presets import PRESETS, ExportError
+from gptexport.exporter.build import ExportOptions, export
+from gptexport.exporter.presets import PRESETS, ExportError
 
 
 def gptexport(*args, cwd=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
 
 
@@ -71,7 +71,8 @@ def test_existing_output_needs_force(tmp_path):
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     """A failure after files were written (here: in validation) publishes nothing and cleans its staging dir."""
-    import exporter.validate
+    import gptexport.exporter.validate
+    from gptexport import exporter
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated crash half-way")
@@ -91,8 +92,7 @@ def test_force_replaces_and_external_data_threshold(tmp_path):
     """--force replaces an existing dir; a threshold of 0 puts the weights in model.onnx.data (the >2 GB path)."""
     from tiny_models import make_checkpoint
 
-    import runtime
-
+    from gptexport import runtime
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     make_checkpoint(ckpt, "gptj-partial-rotary")
@@ -109,7 +109,7 @@ def test_force_replaces_and_external_data_threshold(tmp_path):
 
 
 def test_export_error_is_a_gptexport_error():
-    from runtime.errors import GptexportError
+    from gptexport.runtime.errors import GptexportError
 
     assert issubclass(ExportError, GptexportError)
     with pytest.raises(ExportError, match="unknown model"):

@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-import runtime
-from exporter.build import ExportOptions, _session, export
-from exporter.presets import ExportError
-from exporter.validate import logits_check
-from graphs import shared_kv
-from graphs.precision import LOGITS_ATOL
+from gptexport import runtime
+from gptexport.exporter.build import ExportOptions, _session, export
+from gptexport.exporter.presets import ExportError
+from gptexport.exporter.validate import logits_check
+from gptexport.graphs import shared_kv
+from gptexport.graphs.precision import LOGITS_ATOL
 from test_export_cli import assert_one_line_error, gptexport
 from tiny_models import hf_greedy, make_checkpoint
 
@@ -101,8 +101,8 @@ def test_cli_fp16_summary(tiny_export, tmp_path):
     assert "validation: passed" in proc.stdout, proc.stdout
     manifest = runtime.load(str(tmp_path / "out")).manifest
     assert manifest["kv_layout"] == "shared_buffer" and manifest["kv_dtype"] == "float16"
-    from runtime.cli import summarize
-    from runtime.manifest import read_manifest
+    from gptexport.runtime.cli import summarize
+    from gptexport.runtime.manifest import read_manifest
 
     assert any(line.startswith("kv layout:    shared_buffer") for line in summarize(read_manifest(tmp_path / "out")))
 

@@ -14,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 
-import runtime
-from exporter.build import ExportOptions, export
-from graphs.pipeline import expected_counts
-from graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
+from gptexport import runtime
+from gptexport.exporter.build import ExportOptions, export
+from gptexport.graphs.pipeline import expected_counts
+from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
 
 ARCHS = {"gpt2": "gpt2", "gptj-partial-rotary": "gptj"}
 DTYPES = ["float32", "float16", "int8", "int4"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import runtime
-from exporter.build import ExportOptions, export
+from gptexport import runtime
+from gptexport.exporter.build import ExportOptions, export
 
 
 @pytest.mark.slow

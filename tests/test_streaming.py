@@ -15,10 +15,10 @@ import sys
 import numpy as np
 import pytest
 
-from exporter import stream
-from exporter.build import ExportOptions, export
-from exporter.validate import logits_check
-from graphs.precision import LOGITS_ATOL
+from gptexport.exporter import stream
+from gptexport.exporter.build import ExportOptions, export
+from gptexport.exporter.validate import logits_check
+from gptexport.graphs.precision import LOGITS_ATOL
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_streamed_fp32_matches_torch_and_in_memory_export(checkpoints, hf_model,
     facts = streamed.manifest["config"]
     check = logits_check(model, facts, _session(streamed.output))
     assert check["logits_max_abs_diff"] <= LOGITS_ATOL["float32"], check
-    from exporter.trace import example_inputs, input_names
+    from gptexport.exporter.trace import example_inputs, input_names
 
     feed = {n: a.numpy() for n, a in zip(input_names(facts["num_layers"]), example_inputs(facts))}
     for a, b in zip(_session(streamed.output).run(None, feed), _session(in_memory.output).run(None, feed)):
@@ -73,8 +73,7 @@ def test_streamed_fp32_matches_torch_and_in_memory_export(checkpoints, hf_model,
 @pytest.mark.parametrize("dtype", ["float16", "int4"])
 def test_streamed_export_validates_by_reduced_config(checkpoints, tmp_path, dtype, nan_parameters):
     """fp16 and int4 written tensor by tensor; validation says how it was done, and the structural check passes."""
-    import runtime
-
+    from gptexport import runtime
     ckpt = checkpoints("gptj-partial-rotary")
     result = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "a"), stream=True, dtype=dtype))
     v = result.manifest["validation"]
@@ -99,11 +98,10 @@ def test_streamed_shared_buffer_validates_the_reduced_variant(checkpoints, tmp_p
 
 def test_streamed_external_data_threshold_cli(checkpoints, tmp_path):
     """The > 2 GB path on the streaming writer: a threshold of 0 puts every weight in model.onnx.data."""
-    import runtime
-
+    from gptexport import runtime
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "exporter.cli", str(checkpoints("gpt2")), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(checkpoints("gpt2")), "-o", str(out),
                            "--stream", "--fp16", "--external-data-threshold", "0"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -166,7 +164,7 @@ def test_fits_in_memory_decides_the_path():
 def test_missing_tensor_is_one_clear_error(checkpoints, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from exporter.presets import ExportError
+    from gptexport.exporter.presets import ExportError
 
     src = checkpoints("gpt2")
     broken = tmp_path / "broken"

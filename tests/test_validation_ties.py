@@ -9,9 +9,9 @@ as close to torch as the default graph's.
 from __future__ import annotations
 
 
-from exporter.build import ExportOptions, export
-from exporter.validate import greedy_check
-from graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
+from gptexport.exporter.build import ExportOptions, export
+from gptexport.exporter.validate import greedy_check
+from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
 from tiny_models import make_checkpoint
 
 

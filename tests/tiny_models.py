@@ -20,7 +20,7 @@ def make_checkpoint(directory, name: str, seed: int = 0):
     import torch
     import transformers
 
-    from exporter.tokenizer import gpt2_tokenizer
+    from gptexport.exporter.tokenizer import gpt2_tokenizer
 
     config_class, kwargs = TINY_CONFIGS[name]
     config = getattr(transformers, config_class)(**{"bos_token_id": 50256, "eos_token_id": 50256, **kwargs})

@@ -30,9 +30,9 @@ class Traced:
         import torch
         import transformers
 
-        from exporter.presets import ARCHITECTURES
-        from exporter.trace import trace
-        from graphs.pipeline import fuse
+        from gptexport.exporter.presets import ARCHITECTURES
+        from gptexport.exporter.trace import trace
+        from gptexport.graphs.pipeline import fuse
 
         config_class, model_class, kwargs = TINY[name]
         config = getattr(transformers, config_class)(vocab_size=VOCAB, n_positions=POSITIONS, bos_token_id=0,
@@ -74,7 +74,7 @@ def empty_past(facts: dict, batch: int) -> list[np.ndarray]:
 
 
 def feeds(facts: dict, ids: np.ndarray, mask: np.ndarray, past: list[np.ndarray]) -> dict:
-    from exporter.trace import input_names
+    from gptexport.exporter.trace import input_names
 
     values = [ids, mask, positions(mask, ids.shape[1]), *past]
     return dict(zip(input_names(facts["num_layers"]), values))
@@ -84,7 +84,7 @@ def torch_runner(model):
     """feeds -> [logits, *presents] through transformers, same interface as an onnxruntime session."""
     import torch
 
-    from exporter.trace import FlatDecoder
+    from gptexport.exporter.trace import FlatDecoder
 
     wrapper = FlatDecoder(model).eval()
 

@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter.presets import ARCHITECTURES
+from gptexport.exporter.presets import ARCHITECTURES
 from fusion_testing import TINY, VOCAB, empty_past, feeds, greedy, ort_runner, torch_runner
-from graphs.pipeline import expected_counts, shortfalls
+from gptexport.graphs.pipeline import expected_counts, shortfalls
 
 FUSED_FP32_ATOL = 1e-4  # logits, fused graph vs unfused graph and vs transformers, fp32 on CPU
 GREEDY_STEPS = 8

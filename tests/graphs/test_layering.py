@@ -14,8 +14,8 @@ class Blocked:
         if name.split(".")[0] in ("torch", "transformers"):
             raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Blocked())
-import graphs, graphs.pipeline, graphs.fusion
-from graphs.fusion import attention, gelu, rotary, skip_layernorm
+import gptexport.graphs, gptexport.graphs.pipeline, gptexport.graphs.fusion
+from gptexport.graphs.fusion import attention, gelu, rotary, skip_layernorm
 assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
 print("ok")
 """

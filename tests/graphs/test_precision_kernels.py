@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper
 
-from graphs.precision.kernels import CAST, FP16_CPU, MS, NATIVE, NONE
+from gptexport.graphs.precision.kernels import CAST, FP16_CPU, MS, NATIVE, NONE
 
 H = TP.FLOAT16
 RNG = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT, quantize_int4, quantize_int8, to_fp16  # noqa: E402
+from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT, quantize_int4, quantize_int8, to_fp16  # noqa: E402
 
 STEPS = 8
 BIG = 3000.0  # residual-stream channels of real GPT-2 reach ~3000
@@ -113,8 +113,8 @@ def _agreement(ours, theirs) -> float:
 @pytest.fixture(scope="module")
 def traced():
     """(arch, weights) -> (torch model, traced float32 ir model proto); traced once each."""
-    from exporter.presets import ARCHITECTURES
-    from exporter.trace import trace
+    from gptexport.exporter.presets import ARCHITECTURES
+    from gptexport.exporter.trace import trace
 
     cache = {}
 
@@ -138,7 +138,7 @@ def measure(traced, arch: str, weights: str, precision: str, fused: bool = False
     """(max |logits diff|, largest |logit|, greedy agreement) of one precision against torch float32."""
     _, facts, model, (logits, tokens) = traced(arch, weights)
     if fused:  # the other passes' contrib ops (MultiHeadAttention, RotaryEmbedding, SkipLayerNorm, FastGelu)
-        from graphs.fusion import RULES
+        from gptexport.graphs.fusion import RULES
 
         for _, rule in RULES:
             rule(model)

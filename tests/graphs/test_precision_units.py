@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from graphs.precision import quantize_int4, quantize_int8, to_fp16
-from graphs.precision.quantize import (dequantize_int4_blocks, dequantize_int8, pack_nibbles, quantize_int4_blocks,
+from gptexport.graphs.precision import quantize_int4, quantize_int8, to_fp16
+from gptexport.graphs.precision.quantize import (dequantize_int4_blocks, dequantize_int8, pack_nibbles, quantize_int4_blocks,
                                        quantize_int8_columns, unpack_nibbles)
 
 RNG = np.random.default_rng(0)

@@ -12,9 +12,9 @@ import onnx_ir.passes.common as common
 from onnx import TensorProto, helper, numpy_helper
 
 from fusion_testing import session
-from graphs.fusion import fuse_attention, fuse_gelu, fuse_matmul_3d, fuse_rotary, fuse_skip_layernorm
-from graphs.fusion.matmul_3d import drop_identity_reshapes
-from graphs.fusion._match import RuleResult
+from gptexport.graphs.fusion import fuse_attention, fuse_gelu, fuse_matmul_3d, fuse_rotary, fuse_skip_layernorm
+from gptexport.graphs.fusion.matmul_3d import drop_identity_reshapes
+from gptexport.graphs.fusion._match import RuleResult
 
 RULE_ATOL = 1e-5  # fp32, one fused op against the ops it replaces
 

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from exporter.traced_form import traced_form
+from gptexport.exporter.traced_form import traced_form
 from fusion_testing import TINY
 
 

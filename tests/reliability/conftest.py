@@ -30,6 +30,5 @@ def fake_built(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fake_model(fake_built):
     """The fake artifact loaded once (read-only use)."""
-    import runtime
-
+    from gptexport import runtime
     return runtime.load(fake_built, verify="full")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import runtime
-from runtime.errors import ArtifactError
+from gptexport import runtime
+from gptexport.runtime.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the child prints a marker and sleeps until it is killed.
 HOOKED = """
 import runpy, sys, time
-import exporter.build as build
+import gptexport.exporter.build as build
 point = sys.argv.pop(1)
 real = getattr(build, point)
 def paused(*args, **kwargs):
@@ -35,7 +35,7 @@ def paused(*args, **kwargs):
     return result
 setattr(build, point, paused)
 sys.argv[0] = "gptexport"
-runpy.run_module("exporter.cli", run_name="__main__")
+runpy.run_module("gptexport.exporter.cli", run_name="__main__")
 """
 
 
@@ -71,7 +71,7 @@ def _assert_nothing_complete(parent: Path, target: Path) -> list:
 
 def test_sigkill_as_soon_as_staging_appears(checkpoint, tmp_path):
     target = tmp_path / "artifact"
-    child = subprocess.Popen([sys.executable, "-m", "exporter.cli", str(checkpoint), "-o", str(target)], cwd=ROOT,
+    child = subprocess.Popen([sys.executable, "-m", "gptexport.exporter.cli", str(checkpoint), "-o", str(target)], cwd=ROOT,
                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
@@ -108,7 +108,7 @@ def test_sigkill_mid_export(checkpoint, tmp_path, point):
 
 def test_next_export_removes_what_a_killed_one_left(checkpoint, tmp_path):
     """Stale staging dirs and pending manifests of the same target go; a fresh (possibly live) one stays."""
-    from exporter.build import STALE_SECONDS, ExportOptions, export
+    from gptexport.exporter.build import STALE_SECONDS, ExportOptions, export
 
     target = tmp_path / "artifact"
     stale_dir, stale_file = tmp_path / ".artifact.partial-dead", tmp_path / ".artifact.manifest-123.json"

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-import runtime
-from runtime.cli import main as gptrun_main
-from runtime.errors import GptexportError, ProviderError
+from gptexport import runtime
+from gptexport.runtime.cli import main as gptrun_main
+from gptexport.runtime.errors import GptexportError, ProviderError
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -129,7 +129,7 @@ def test_provider_errors(fake_built, provider, message):
 
 def test_cuda_silently_falling_back_to_cpu_is_refused(fake_built, monkeypatch):
     """onnxruntime-gpu on a machine without a usable GPU makes a CPU-only session; we say so at load."""
-    import runtime.session as session
+    import gptexport.runtime.session as session
 
     monkeypatch.setattr(session, "resolve_providers", lambda p: ["CUDAExecutionProvider", "CPUExecutionProvider"]
                         if p == "cuda" else ["CPUExecutionProvider"])

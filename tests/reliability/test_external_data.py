@@ -15,11 +15,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 import fake_artifact as fa
-import runtime
-import runtime.model
-from runtime.errors import ArtifactError
-from runtime.manifest import write_manifest
-from runtime.onnx_refs import check_external_data, external_data_locations, scan_locations
+from gptexport import runtime
+import gptexport.runtime.model
+from gptexport.runtime.errors import ArtifactError
+from gptexport.runtime.manifest import write_manifest
+from gptexport.runtime.onnx_refs import check_external_data, external_data_locations, scan_locations
 
 
 def _externalize(tensor: TensorProto, location: str, data: bytes) -> None:

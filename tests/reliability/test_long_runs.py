@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import runtime
-
+from gptexport import runtime
 ROOT = Path(__file__).resolve().parents[2]
 WARMUP, CALLS, MAX_GROWTH = 100, 1000, 0.05
 PROMPTS = ["Hello", "The quick brown fox", "Once upon a time", "é你😀 unicode", "1 2 3 4", "A", "Why?", "Edge"]
@@ -48,7 +47,7 @@ def _call(model, i: int):
 
 CHILD = """
 import os, sys
-import runtime
+from gptexport import runtime
 PROMPTS = {prompts!r}
 WARMUP, CALLS = {warmup}, {calls}
 {rss}
@@ -95,7 +94,7 @@ def test_eight_threads_give_the_serial_outputs(model):
 
 
 def test_module_generate_loads_once_under_threads(tiny_export, monkeypatch):
-    import runtime.model as rm
+    import gptexport.runtime.model as rm
 
     monkeypatch.setattr(rm, "_LOADED", {})
     loads, real = [], rm.load

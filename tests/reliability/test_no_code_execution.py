@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.presets import ExportError
+from gptexport.exporter.presets import ExportError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ def _config(directory: Path, **extra) -> None:
 
 
 def _tokenizer(directory: Path) -> None:
-    from exporter.tokenizer import gpt2_tokenizer
+    from gptexport.exporter.tokenizer import gpt2_tokenizer
 
     gpt2_tokenizer(300).save(str(directory / "tokenizer.json"))
 
@@ -57,7 +57,7 @@ def test_pickle_payload_in_pytorch_model_bin_never_runs(tmp_path, form):
     else:
         with open(ckpt / "pytorch_model.bin", "wb") as f:
             pickle.dump(weights, f)
-    from exporter.load import load
+    from gptexport.exporter.load import load
 
     with pytest.raises(ExportError, match="cannot load the weights"):
         load(str(ckpt))
@@ -80,7 +80,7 @@ def _custom_code_checkpoint(directory: Path, marker: Path, model_type: str) -> N
 def _gptexport(*args, home: Path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(home), HF_MODULES_CACHE=str(home / "modules"),
                PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "exporter.cli", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import fake_artifact as fa
-import runtime.manifest as m
-from runtime.errors import ArtifactError
-from runtime.manifest import MANIFEST_NAME, cache_path, read_manifest
+import gptexport.runtime.manifest as m
+from gptexport.runtime.errors import ArtifactError
+from gptexport.runtime.manifest import MANIFEST_NAME, cache_path, read_manifest
 
 
 @pytest.fixture

@@ -39,5 +39,5 @@ def artifact(_built, tmp_path):
 @pytest.fixture(scope="session")
 def model(_built):
     """The fake artifact, loaded once (read-only use)."""
-    import runtime
+    from gptexport import runtime
     return runtime.load(_built, verify="full")

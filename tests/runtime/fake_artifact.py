@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from runtime.manifest import write_manifest
+from gptexport.runtime.manifest import write_manifest
 
 EOS = 256
 # The greedy chain of the tests' default artifact: after "a" it writes é, 你, an emoji, "!" and stops (eos).

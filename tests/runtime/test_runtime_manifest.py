@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from runtime.errors import ArtifactError
-from runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, cache_path, checksum_files, file_entry, \
+from gptexport.runtime.errors import ArtifactError
+from gptexport.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, cache_path, checksum_files, file_entry, \
     read_manifest, write_manifest
 
 
@@ -136,7 +136,7 @@ def test_auto_caches_a_full_verification(artifact, cache_dir, monkeypatch):
     read_manifest(artifact)  # hashes and records
     cache = json.loads(cache_path().read_text())
     assert os.path.realpath(artifact / "model.onnx") in cache
-    import runtime.manifest as m
+    import gptexport.runtime.manifest as m
     calls = []
     monkeypatch.setattr(m, "file_entry", lambda p: calls.append(p) or file_entry(p))
     read_manifest(artifact)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import fake_artifact as fa
-import runtime
+from gptexport import runtime
 from fake_artifact import CONTINUATION
-from runtime.errors import GenerationError, ProviderError
+from gptexport.runtime.errors import GenerationError, ProviderError
 
 
 def test_greedy_follows_the_table_and_stops_at_eos(model):
@@ -132,7 +132,7 @@ def test_providers(artifact):
 
 
 def test_unloadable_graph_is_one_line(artifact):
-    from runtime.errors import ArtifactError
+    from gptexport.runtime.errors import ArtifactError
     (artifact / "model.onnx").write_bytes(b"this is not onnx")
     runtime.write_manifest(artifact, fa.manifest_body())
     with pytest.raises(ArtifactError) as info:
@@ -141,7 +141,7 @@ def test_unloadable_graph_is_one_line(artifact):
 
 
 def test_graph_without_contract_names_refused(artifact):
-    from runtime.errors import ArtifactError
+    from gptexport.runtime.errors import ArtifactError
     import onnx
     graph = fa.make_graph(fa.make_table(), num_layers=1)
     onnx.save(graph, str(artifact / "model.onnx"))

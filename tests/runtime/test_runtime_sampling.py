@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from runtime.errors import GenerationError
-from runtime.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, next_tokens, \
+from gptexport.runtime.errors import GenerationError
+from gptexport.runtime.sampling import SamplingParams, apply_repetition_penalty, apply_top_k, apply_top_p, next_tokens, \
     sample, softmax, suppress_eos
 
 NEG = -np.inf
@@ -118,7 +118,7 @@ def test_validation_messages(kwargs, message):
 
 def test_top_p_after_top_k_sorts_only_the_candidates_with_the_same_cut():
     """The fast path (rows already cut by top_k) keeps exactly what sorting the whole row keeps, ties included."""
-    from runtime.sampling import _top_p_rows
+    from gptexport.runtime.sampling import _top_p_rows
 
     rng = np.random.default_rng(7)
     for case in range(200):

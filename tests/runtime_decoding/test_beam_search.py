@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-import runtime
-from runtime.errors import GenerationError
+from gptexport import runtime
+from gptexport.runtime.errors import GenerationError
 from tiny_models import PAD, hf_generate
 
 SINGLE = ["Hello world"]
@@ -113,7 +113,7 @@ def test_stream_refuses_beam_search(pair):
 
 
 def test_cli_num_beams(tiny_export, pair, capsys):
-    from runtime.cli import main
+    from gptexport.runtime.cli import main
 
     _, artifact, _ = tiny_export("gpt2")
     model, _, _ = pair("gpt2")
@@ -127,7 +127,7 @@ def test_cli_num_beams(tiny_export, pair, capsys):
 
 def test_shared_buffer_layout_reorders_its_cache(tiny_export, pair, tmp_path):
     """The in-place cache (kv_layout shared_buffer) reorders its rows per beam: same tokens as the default graph."""
-    from graphs.shared_kv import write_artifact
+    from gptexport.graphs.shared_kv import write_artifact
 
     _, artifact, _ = tiny_export("gpt2")
     write_artifact(artifact, tmp_path / "shared")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer
 
-import runtime
-
+from gptexport import runtime
 LOGPROB_ATOL = 1e-4  # fp32 graph vs fp32 torch, after a log-softmax over the vocabulary
 NEW = 8
 

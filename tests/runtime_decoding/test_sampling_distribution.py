@@ -29,9 +29,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-import runtime
-import runtime.model
-from runtime.sampling import SamplingParams, next_token_probs, next_tokens, sample
+from gptexport import runtime
+import gptexport.runtime.model
+from gptexport.runtime.sampling import SamplingParams, next_token_probs, next_tokens, sample
 
 PAD = 50256
 LOGPROB_ATOL = 1e-5  # float32 processors (transformers) vs float64 after temperature (runtime), on log-probabilities

@@ -11,9 +11,9 @@ import onnx_ir as ir
 import pytest
 from tokenizers import Tokenizer
 
-import runtime
-from graphs.fusion._match import Reject
-from graphs.shared_kv import to_shared_kv, write_artifact
+from gptexport import runtime
+from gptexport.graphs.fusion._match import Reject
+from gptexport.graphs.shared_kv import to_shared_kv, write_artifact
 from tiny_models import hf_greedy
 
 FP32_LOGITS_ATOL = 1e-4  # same kernels' math in another order (GroupQueryAttention vs MultiHeadAttention)
