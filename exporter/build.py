@@ -80,8 +80,39 @@ def _check_target(target: Path, force: bool) -> None:
         raise ExportError(f"output directory {str(target)!r} already exists; pass --force to replace it")
     if target.exists() and not target.is_dir():
         raise ExportError(f"output path {str(target)!r} exists and is not a directory")
+    if target.exists():
+        why = _not_replaceable(target)
+        if why:
+            raise ExportError(f"--force replaces only an empty directory or a gptexport artifact; {str(target)!r} "
+                              f"{why}: nothing was touched (choose another -o)")
     if not target.parent.exists():
         raise ExportError(f"parent directory of {str(target)!r} does not exist")
+
+
+def _not_replaceable(target: Path) -> str | None:
+    """Why --force must not remove the existing directory `target`, or None when it may.
+
+    Only an empty directory, or an artifact of ours holding nothing but its manifest and the files the manifest
+    lists, is replaced: `-o . --force` or `-o ~ --force` must never delete a directory of the user's.
+    """
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        return "is the current directory or one above it"
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return None
+    try:
+        manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"is not empty and has no readable {MANIFEST_NAME} of a gptexport artifact"
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("producer"), dict)
+            and manifest["producer"].get("name") == "gptexport" and isinstance(manifest.get("files"), dict)):
+        return f"is not empty and its {MANIFEST_NAME} is not a gptexport artifact's"
+    foreign = [name for name in entries if name != MANIFEST_NAME and name not in manifest["files"]]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"is a gptexport artifact but also holds files its manifest does not list ({shown})"
+    return None
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -211,6 +242,7 @@ def _publish(staging: Path, target: Path) -> None:
     """Move the finished staging dir into place; an existing target (only with --force) goes last."""
     old = None
     if target.exists():
+        _check_target(target, force=True)  # again: the directory may have changed while the export ran
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.rename(target, old / "previous")
     os.rename(staging, target)

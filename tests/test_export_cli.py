@@ -115,3 +115,66 @@ def test_export_error_is_a_gptexport_error():
     with pytest.raises(ExportError, match="unknown model"):
         export(ExportOptions(model="nope", output="/tmp/never-created"))
     assert not Path("/tmp/never-created").exists()
+
+
+# ---- --force replaces only what is ours (issue 17, item 1) --------------------------------------------------------
+
+def _user_files(directory: Path) -> dict:
+    (directory / "notes.txt").write_text("mine")
+    (directory / "src").mkdir()
+    (directory / "src" / "main.py").write_text("print('mine')")
+    return {"notes.txt": "mine", "src/main.py": "print('mine')"}
+
+
+def _intact(directory: Path, files: dict) -> None:
+    for name, text in files.items():
+        assert (directory / name).read_text() == text, name
+
+
+@pytest.mark.parametrize("output", [".", "~"])
+def test_force_never_removes_the_current_or_home_directory(tmp_path, output):
+    """`gptexport MODEL -o . --force` / `-o ~ --force` used to rename the directory away and delete it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    files = _user_files(home)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HOME=str(home))
+    proc = subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", "distilgpt2", "--random-weights",
+                           "--no-validate", "-o", output, "--force"], capture_output=True, text=True, env=env,
+                          cwd=home, timeout=300)
+    assert_one_line_error(proc, "--force replaces only", str(home), "nothing was touched")
+    _intact(home, files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no staging or .old dirs beside it
+
+
+def test_force_refuses_a_directory_that_is_not_an_artifact(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    files = _user_files(out)
+    proc = gptexport("distilgpt2", "--random-weights", "--no-validate", "-o", str(out), "--force")
+    assert_one_line_error(proc, str(out), "no readable manifest.json")
+    _intact(out, files)
+    (out / "manifest.json").write_text('{"producer": {"name": "another-tool"}, "files": {}}')
+    proc = gptexport("distilgpt2", "--random-weights", "--no-validate", "-o", str(out), "--force")
+    assert_one_line_error(proc, str(out), "not a gptexport artifact")
+    _intact(out, files)
+
+
+def test_force_replaces_an_artifact_but_not_the_files_a_user_added_to_it(tmp_path):
+    from tiny_models import make_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    make_checkpoint(ckpt, "gpt2")
+    out = tmp_path / "out"
+    first = export(ExportOptions(model=str(ckpt), output=str(out), validate=False))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"also holds files its manifest does not list \(notes.txt\)"):
+        export(ExportOptions(model=str(ckpt), output=str(out), validate=False, force=True))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "manifest.json").read_text())["files"] == first.manifest["files"]
+    (out / "notes.txt").unlink()
+    (out / "model.onnx").write_bytes(b"damaged")  # a broken artifact of ours is still ours to replace
+    second = export(ExportOptions(model=str(ckpt), output=str(out), validate=False, force=True))
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert second.manifest["files"]["model.onnx"] == first.manifest["files"]["model.onnx"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
