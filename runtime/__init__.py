@@ -7,11 +7,11 @@
 
 from .errors import ArtifactError, GenerationError, GptexportError, ProviderError
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, checksum_files, file_entry, read_manifest, write_manifest
-from .model import Model, Stats, generate, load
+from .model import Completion, Model, Result, Stats, TextStream, generate, load
 from .sampling import SamplingParams
 
 __all__ = [
     "ArtifactError", "GenerationError", "GptexportError", "ProviderError",
     "FORMAT_VERSION", "MANIFEST_NAME", "checksum_files", "file_entry", "read_manifest", "write_manifest",
-    "Model", "Stats", "generate", "load", "SamplingParams",
+    "Completion", "Model", "Result", "Stats", "TextStream", "generate", "load", "SamplingParams",
 ]

@@ -33,7 +33,7 @@ _REPLACEMENT = "\ufffd"
 
 @dataclass
 class Stats:
-    """Timings of the last generate/stream call (per sequence; a batch decodes its rows together)."""
+    """Timings of one generate/stream call (per sequence; a batch decodes its rows together)."""
 
     batch: int = 0
     prompt_tokens: int = 0
@@ -49,14 +49,82 @@ class Stats:
 
 
 @dataclass
+class Completion:
+    """What one prompt produced.
+
+    Attributes:
+        text: the continuation, cut before a stop string.
+        tokens: the ids that make up `text`: every generated id (eos included when it ended the row), except that
+            a stop string's tokens are dropped. A token that holds both the end of `text` and the start of the
+            stop string is kept, so `decode(tokens)` starts with `text` (and equals it unless such a token exists).
+        logprobs: one log-probability per id of `tokens` (empty for beam search).
+        generated_tokens: how many tokens the model generated for this row, those of a cut stop string and eos
+            included: what a server reports as usage.
+        finish_reason: "eos" (end-of-sequence token), "stop" (a stop string) or "length" (max_new_tokens).
+    """
+
+    text: str
+    tokens: list
+    logprobs: list
+    generated_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class Result:
+    """What `generate(..., return_result=True)` returns: one Completion per prompt, and this call's Stats."""
+
+    completions: list
+    stats: Stats
+
+    @property
+    def texts(self) -> list:
+        """The text of every completion, in prompt order."""
+        return [c.text for c in self.completions]
+
+
+class TextStream:
+    """The iterator `Model.stream` returns: str pieces as they become stable.
+
+    Once it is exhausted, `completion` (a `Completion`) and `stats` (a `Stats`) describe this call, whichever
+    thread iterated it.
+    """
+
+    def __init__(self, pieces, row, stats: Stats):
+        self._pieces, self._row, self.stats = pieces, row, stats
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (as a generator's close)."""
+        self._pieces.close()
+
+    @property
+    def completion(self):
+        """The Completion so far (final once the stream is exhausted)."""
+        return self._row.completion()
+
+
+@dataclass
 class _Row:
     """One sequence of a request: its prompt ids and what it has generated."""
 
     prompt: list
-    tokens: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)  # every generated id, a stop string's included
     logprobs: list = field(default_factory=list)  # log-softmax of the model's logits at each generated token
     text: str = ""
     done: bool = False
+    kept: int | None = None  # a stop string ended the row: the first `kept` tokens make up `text`
+    finish_reason: str = "length"
+
+    def completion(self) -> Completion:
+        keep = len(self.tokens) if self.kept is None else self.kept
+        return Completion(self.text, self.tokens[:keep], self.logprobs[:keep], len(self.tokens),
+                          self.finish_reason)
 
 
 def _log_softmax_at(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -127,7 +195,10 @@ def _artifact_path(artifact_dir) -> Path:
 class Model:
     """A loaded artifact: manifest, tokenizer and decoder session.
 
-    Use `load()` to build one. `last_stats` holds the timings of the latest generate/stream call.
+    Use `load()` to build one. Safe to share between threads: each call has its own rows, cache and Stats.
+    `last_stats` is a convenience holding the Stats of the latest generate/stream call made *by the calling
+    thread* (threading.local, so concurrent callers never read each other's); `return_result=True` returns them
+    with the call.
     """
 
     def __init__(self, manifest: dict, tokenizer: Tokenizer, decoder: Decoder):
@@ -140,13 +211,23 @@ class Model:
         self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
         self.max_positions = manifest["config"]["max_positions"]
         self.defaults = manifest.get("generation", {})
-        self.last_stats = Stats()
+        self._local = threading.local()
+
+    @property
+    def last_stats(self) -> Stats:
+        """Stats of the latest generate/stream call made by this thread on this model (empty Stats before one)."""
+        return getattr(self._local, "stats", None) or Stats()
+
+    @last_stats.setter
+    def last_stats(self, stats: Stats) -> None:
+        self._local.stats = stats
 
     # -- public API ------------------------------------------------------------------------------------------
 
     def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
                  top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, return_tokens=False,
-                 return_logprobs=False, num_beams=1, length_penalty=1.0, early_stopping=False, eos_token_id=None):
+                 return_logprobs=False, num_beams=1, length_penalty=1.0, early_stopping=False, eos_token_id=None,
+                 return_result=False):
         """Generate a continuation for one prompt or a left-padded batch of prompts.
 
         Args:
@@ -156,8 +237,9 @@ class Model:
             do_sample, temperature, top_k, top_p, repetition_penalty: as transformers' `generate`
                 (temperature 0 with do_sample means greedy).
             seed: seeds numpy's Generator for sampling (None: fresh entropy).
-            stop: a str or list of str; a row stops when its text contains one, and its text is cut before it.
-            return_tokens: also return the generated token ids (eos included when emitted).
+            stop: a str or list of str; a row stops when its text contains one, and its text is cut before it
+                (and its tokens and logprobs after the token that completes the text: see `Completion.tokens`).
+            return_tokens: also return the token ids that make up each text (eos included when emitted).
             return_logprobs: also return each generated token's log-probability under the model (log-softmax of
                 the raw logits, as transformers' `compute_transition_scores(..., normalize_logits=True)` on
                 `output_logits`), shaped like the token ids.
@@ -168,9 +250,13 @@ class Model:
                 finished) or "never" (stop only when no better hypothesis is possible).
             eos_token_id: the end-of-sequence id (None: the manifest's); generation stops there and min_new_tokens
                 suppresses it.
+            return_result: return a `Result` (a `Completion` per prompt: text, tokens, logprobs, generated_tokens,
+                finish_reason; and this call's `Stats`) instead of text; return_tokens/return_logprobs are then
+                ignored.
         Returns:
             The continuation text (str, or list of str for a list prompt); with `return_tokens` and/or
-            `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order.
+            `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order; with
+            `return_result`, a `Result`.
         Raises:
             GenerationError: empty prompt/list, invalid setting, or prompt + max_new_tokens too long.
         """
@@ -182,18 +268,22 @@ class Model:
         _check_seed(seed)
         eos = self._eos(eos_token_id)
         length_penalty = _check_beam(num_beams, length_penalty, early_stopping, do_sample)
+        stats = Stats()
         if num_beams > 1:
             if stops:
                 raise GenerationError("stop strings are not supported with beam search (num_beams > 1)")
             if return_logprobs:
                 raise GenerationError("return_logprobs is not supported with beam search (num_beams > 1)")
-            self._beam(rows, params, int(num_beams), length_penalty, early_stopping, eos)
+            self._beam(rows, params, int(num_beams), length_penalty, early_stopping, eos, stats)
         else:
-            for _ in self._run(rows, params, seed, stops, live_text=bool(stops), eos=eos):
+            for _ in self._run(rows, params, seed, stops, live_text=bool(stops), eos=eos, stats=stats):
                 pass
-        texts = [row.text for row in rows]
-        tokens = [row.tokens for row in rows]
-        logprobs = [row.logprobs for row in rows]
+        completions = [row.completion() for row in rows]
+        if return_result:
+            return Result(completions, stats)
+        texts = [c.text for c in completions]
+        tokens = [c.tokens for c in completions]
+        logprobs = [c.logprobs for c in completions]
         if single:
             texts, tokens, logprobs = texts[0], tokens[0], logprobs[0]
         extra = ([tokens] if return_tokens else []) + ([logprobs] if return_logprobs else [])
@@ -210,7 +300,8 @@ class Model:
         Args:
             prompt: a str (batch of one); the other arguments are those of `generate`.
         Returns:
-            An iterator of str pieces. Argument errors are raised at the call, not at the first `next()`.
+            A `TextStream`: an iterator of str pieces; once exhausted, its `completion` and `stats` describe the
+            call. Argument errors are raised at the call, not at the first `next()`.
         Raises:
             GenerationError: as `generate`; num_beams > 1 is refused (beam search cannot stream token by token:
                 the best hypothesis is known only at the end).
@@ -225,13 +316,15 @@ class Model:
         params = self._params(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                               repetition_penalty, rows)
         _check_seed(seed)
-        return self._stream(rows, params, seed, _normalize_stops(stop), self._eos(eos_token_id))
+        stats = Stats()
+        pieces = self._stream(rows, params, seed, _normalize_stops(stop), self._eos(eos_token_id), stats)
+        return TextStream(pieces, rows[0], stats)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _stream(self, rows: list, params: SamplingParams, seed, stops: list, eos):
+    def _stream(self, rows: list, params: SamplingParams, seed, stops: list, eos, stats: Stats):
         row, emitted = rows[0], ""
-        for _ in self._run(rows, params, seed, stops, live_text=True, eos=eos):
+        for _ in self._run(rows, params, seed, stops, live_text=True, eos=eos, stats=stats):
             text = row.text if row.done else self._stable(row.text, stops)
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]
@@ -248,8 +341,8 @@ class Model:
                    default=0)
         return text[:len(text) - hold]
 
-    def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool, eos):
-        """Generate into `rows`, yielding after every step.
+    def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool, eos, stats: Stats):
+        """Generate into `rows`, yielding after every step; `stats` (this call's) is filled in as it goes.
 
         Rows' tokens and done flags are updated every step; their text every step when `live_text` (streaming,
         stop strings), otherwise once at the end, so plain generation does not re-decode a growing text.
@@ -259,7 +352,8 @@ class Model:
         seen = [list(row.prompt) for row in rows]  # transformers' penalty skips left padding (prompt_ignore_length)
         cache = self.decoder.new_cache(len(rows), capacity=input_ids.shape[1] + params.max_new_tokens)
         rng = np.random.default_rng(seed)
-        stats = self.last_stats = Stats(batch=len(rows), prompt_tokens=int(input_ids.shape[1]))
+        stats.batch, stats.prompt_tokens = len(rows), int(input_ids.shape[1])
+        self.last_stats = stats  # this thread's
         start = time.perf_counter()
         logits = self.decoder.step(input_ids, mask, position_ids, cache)
         stats.prefill_s = time.perf_counter() - start
@@ -287,7 +381,7 @@ class Model:
                 row.text = self._decode([t for t in row.tokens if t != eos])
 
     def _beam(self, rows: list, params: SamplingParams, num_beams: int, length_penalty: float, early_stopping,
-              eos) -> None:
+              eos, stats: Stats) -> None:
         """Beam search (runtime/beam.py) into `rows`: each row gets its best hypothesis' tokens and text."""
         if params.do_sample:
             raise GenerationError("beam sampling is not supported")
@@ -295,7 +389,8 @@ class Model:
         batch = len(rows)
         position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
         cache = self.decoder.new_cache(batch, capacity=input_ids.shape[1] + params.max_new_tokens)
-        stats = self.last_stats = Stats(batch=batch, prompt_tokens=int(input_ids.shape[1]))
+        stats.batch, stats.prompt_tokens = batch, int(input_ids.shape[1])
+        self.last_stats = stats  # this thread's
         start = time.perf_counter()
         logits = self.decoder.step(input_ids, mask, position_ids, cache)[:, -1, :]  # (B, V)
         # transformers' _expand_inputs_for_generation: each prompt's row repeated num_beams times
@@ -318,6 +413,7 @@ class Model:
         stats.decode_s = time.perf_counter() - start - stats.prefill_s
         for row, tokens in zip(rows, best):
             row.tokens, row.done = tokens, True
+            row.finish_reason = "eos" if tokens and tokens[-1] == eos else "length"
             row.text = self._decode([t for t in tokens if t != eos])
 
     def _eos(self, eos_token_id):
@@ -332,17 +428,26 @@ class Model:
         return int(eos_token_id)
 
     def _emit(self, row: _Row, token: int, stops: list, live_text: bool, eos) -> None:
-        """Add one generated token to a live row: eos ends it; a stop string ends it and cuts its text."""
+        """Add one generated token to a live row: eos ends it; a stop string ends it and cuts its text (and
+        marks how many of its tokens make up the text that is left)."""
         row.tokens.append(token)
         if token == eos:
-            row.done = True
+            row.done, row.finish_reason = True, "eos"
             return
         if not live_text:
             return
         row.text = self._decode(row.tokens)
         cut = _stop_index(row.text, stops) if stops else None
         if cut is not None:
-            row.text, row.done = row.text[:cut], True
+            row.text, row.done, row.finish_reason = row.text[:cut], True, "stop"
+            row.kept = self._covering(row.tokens, row.text)
+
+    def _covering(self, tokens: list, text: str) -> int:
+        """The fewest leading `tokens` whose text starts with `text` (a stop string is a few tokens: few decodes)."""
+        keep = len(tokens)
+        while keep > 0 and self._decode(tokens[:keep - 1]).startswith(text):
+            keep -= 1
+        return keep
 
     def _decode(self, ids: list) -> str:
         """Text of generated ids; special tokens are dropped, as `decode(..., skip_special_tokens=True)`."""
