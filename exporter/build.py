@@ -238,6 +238,23 @@ def _validate(loaded, facts: dict, opts: ExportOptions, staging: Path, manifest:
     return validate_streamed(loaded, facts, opts, staging, manifest, eos)
 
 
+def failed_checks(v: dict) -> str:
+    """The checks a failed validation failed, with their figures: never only figures that are within limits."""
+    where = f" of the reduced {v['reduced_config']['num_layers']}-layer export" if "reduced_config" in v else ""
+    failed = []
+    if v.get("logits_max_abs_diff", 0.0) > v.get("logits_tolerance", float("inf")):
+        failed.append(f"logits max abs diff{where} {v['logits_max_abs_diff']:.3g} above the tolerance "
+                      f"{v['logits_tolerance']}")
+    if v.get("greedy_agreement", 1.0) < v.get("min_greedy_agreement", 0.0):
+        failed.append(f"greedy agreement{where} {v['greedy_agreement']:.3f} below the required "
+                      f"{v['min_greedy_agreement']}")
+    structural = v.get("structural") or {}
+    if structural.get("passed") is False:
+        failed.append("structural check of the artifact: " + "; ".join(structural.get("problems") or ["failed"]))
+    failed += [str(c) for c in v.get("failed_checks", [])]  # checks a validator names itself
+    return "; ".join(failed) or f"a check not named in the result ({', '.join(sorted(v))})"
+
+
 def _publish(staging: Path, target: Path) -> None:
     """Move the finished staging dir into place; an existing target (only with --force) goes last."""
     old = None
@@ -325,12 +342,8 @@ def _export_into(opts: ExportOptions, staging: Path, report: _Reporter, load) ->
         with report.step("validate"):
             manifest["validation"] = _validate(loaded, facts, opts, staging, manifest)
         if not manifest["validation"]["passed"]:
-            v = manifest["validation"]
-            raise ExportError(
-                f"validation failed: logits max abs diff {v['logits_max_abs_diff']:.3g} "
-                f"(tolerance {v['logits_tolerance']}), greedy agreement {v['greedy_agreement']:.3f} "
-                f"(required {v['min_greedy_agreement']}); nothing was written (--no-validate skips the check)"
-            )
+            raise ExportError(f"validation failed: {failed_checks(manifest['validation'])}; nothing was written "
+                              f"(--no-validate skips the check)")
     with report.step("finish"):
         if loaded.weights is not None:
             manifest["streamed"] = True

@@ -40,6 +40,14 @@ def _ties(v: dict) -> str:
             f"{v['greedy_agreement_strict']:.3f})")
 
 
+def validation_kind(v: dict) -> str:
+    """Which validation ran, in a few words: a streamed export's figures are of a reduced config, not this model."""
+    if "reduced_config" in v:
+        layers = v["reduced_config"]["num_layers"]
+        return f"reduced {layers}-layer config against torch, structural check of the full artifact"
+    return "full: this artifact against its torch model"
+
+
 def _summary(result) -> str:
     m = result.manifest
     v = m["validation"]
@@ -58,8 +66,8 @@ def _summary(result) -> str:
         lines.append("validation: skipped (--no-validate)")
     else:
         presents = v.get("present_max_abs_diff")
-        lines.append(f"validation: {'passed' if v['passed'] else 'FAILED'}: logits max abs diff "
-                     f"{v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}), presents "
+        lines.append(f"validation ({validation_kind(v)}): {'passed' if v['passed'] else 'FAILED'}: "
+                     f"logits max abs diff {v['logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}), presents "
                      f"{'n/a' if presents is None else format(presents, '.3g')}, greedy agreement "
                      f"{v['greedy_agreement']:.3f}{_ties(v)} over {len(v['greedy_cases'])} prompts (incl. a left-padded "
                      f"batch)")

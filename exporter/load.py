@@ -145,11 +145,26 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
                                             trust_remote_code=trust_remote_code, local_files_only=offline)
         except Exception as err:  # noqa: BLE001 - network or file errors become one line
             hint = " (or use --random-weights for an offline build)" if source != "local" else ""
-            raise ExportError(f"cannot load the weights of {where!r}: {type(err).__name__}: "
-                              f"{_first_line(err)}{hint}") from None
+            problem = _safetensors_problem(where) if source == "local" else None  # which file, which tensor
+            raise ExportError(f"cannot load the weights of {where!r}: "
+                              f"{problem or type(err).__name__ + ': ' + _first_line(err)}{hint}") from None
         tokenizer = checkpoint_tokenizer(where, config.vocab_size)
     net.eval()
     return Loaded(net, arch, name, source, tokenizer, random_weights, seed if random_weights else None)
+
+
+def _safetensors_problem(directory: str) -> str | None:
+    """What is wrong with a checkpoint directory's safetensors files (stream.py's header checks), or None."""
+    from . import stream
+
+    path = Path(directory)
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return None
+    try:
+        stream.SafetensorsWeights(path)
+    except (OSError, ValueError) as err:
+        return str(err)
+    return None
 
 
 def _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed) -> Loaded:

@@ -27,8 +27,24 @@ INIT_STD = 0.02  # transformers' initializer_range for GPT-2 and GPT-J
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
+# bytes per element of every safetensors dtype (a checkpoint may hold tensors we never read, e.g. int masks)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 * 1024**2  # the safetensors format's own limit on the JSON header
+
+
 class SafetensorsWeights:
-    """The tensors of a checkpoint's safetensors file(s), read one at a time as float32."""
+    """The tensors of a checkpoint's safetensors file(s), read one at a time as float32.
+
+    Every file's header is checked against the file before anything is read: each tensor's byte range matches its
+    shape and dtype, the ranges tile the data section with no gap or overlap, and the data section ends where the
+    file ends; every read checks the bytes it got. A truncated or corrupt checkpoint is refused with one line
+    naming the file and the tensor, never streamed in as whatever memory held.
+
+    Raises:
+        FileNotFoundError: a file named by the index is missing.
+        ValueError: a header that does not fit its file (see `check_header`).
+    """
 
     def __init__(self, directory: str | Path):
         directory = Path(directory)
@@ -40,13 +56,9 @@ class SafetensorsWeights:
             path = directory / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} (streaming export reads safetensors only)")
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
-            for key, meta in header.items():
-                if key != "__metadata__":
-                    start, end = meta["data_offsets"]
-                    self.entries[key] = (path, meta["dtype"], tuple(meta["shape"]), 8 + length + start, end - start)
+            length, header = read_header(path)
+            for key, (dtype, shape, start, end) in check_header(path, length, header).items():
+                self.entries[key] = (path, dtype, shape, 8 + length + start, end - start)
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -61,10 +73,75 @@ class SafetensorsWeights:
         array = np.empty(shape, _ST_DTYPES[dtype])
         with open(path, "rb") as f:
             f.seek(offset)
-            f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+            got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+        if got != size:  # the file shrank since its header was checked
+            raise ValueError(f"{path}: tensor {name!r} is truncated: read {got} of its {size} bytes at offset {offset}")
         if dtype == "BF16":  # bfloat16 is the top half of a float32
             return (array.astype(np.uint32) << 16).view(np.float32)
         return array.astype(np.float32, copy=False)
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(header length, parsed JSON header) of one safetensors file.
+
+    Raises:
+        ValueError: the file is too short for its header, or the header is not a JSON object.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short for a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{path}: the header claims {length} bytes but the file has {size} (truncated, or not "
+                             f"a safetensors file)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as err:
+            raise ValueError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    return length, header
+
+
+def check_header(path: Path, length: int, header: dict) -> dict[str, tuple[str, tuple, int, int]]:
+    """Each tensor's (dtype, shape, start, end) after checking the header against the file it came from.
+
+    Raises:
+        ValueError: one line naming the file and the first tensor whose dtype, shape, offsets or bytes do not fit.
+    """
+    tensors = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], tuple(int(n) for n in meta["shape"]), meta["data_offsets"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {key!r} has a malformed header entry {meta!r}") from None
+        if dtype not in _ST_ITEMSIZE:
+            raise ValueError(f"{path}: tensor {key!r} has unknown dtype {dtype!r}")
+        need = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dtype]
+        if end - start != need or start < 0:
+            raise ValueError(f"{path}: tensor {key!r} has data_offsets [{start}, {end}] ({end - start} bytes) but "
+                             f"its shape {list(shape)} of {dtype} needs {need} bytes")
+        tensors[key] = (dtype, shape, start, end)
+    position = 0
+    for key, (dtype, shape, start, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != position:
+            what = "overlaps the tensor before it" if start < position else f"leaves a gap of {start - position} bytes"
+            raise ValueError(f"{path}: tensor {key!r} starts at data byte {start}, which {what} (ends at {position})")
+        position = end
+    data = path.stat().st_size - 8 - length
+    if position != data:
+        last = max(tensors, key=lambda k: tensors[k][3]) if tensors else None
+        if position > data:
+            raise ValueError(f"{path}: tensor {last!r} ends at data byte {position} but the file holds only {data} "
+                             f"data bytes (truncated by {position - data} bytes)")
+        raise ValueError(f"{path}: {data - position} bytes after the last tensor {last!r}: the header does not "
+                         f"describe the file")
+    return tensors
 
 
 class RandomWeights:

@@ -98,7 +98,7 @@ def test_cli_fp16_summary(tiny_export, tmp_path):
     proc = gptexport(str(ckpt), "-o", str(tmp_path / "out"), "--fp16", "--kv-layout", "shared_buffer")
     assert proc.returncode == 0, proc.stderr
     assert "kv layout shared_buffer" in proc.stdout and "shared_kv=2/2" in proc.stdout, proc.stdout
-    assert "validation: passed" in proc.stdout, proc.stdout
+    assert "validation (full: this artifact against its torch model): passed" in proc.stdout, proc.stdout
     manifest = runtime.load(str(tmp_path / "out")).manifest
     assert manifest["kv_layout"] == "shared_buffer" and manifest["kv_dtype"] == "float16"
     from gptexport.runtime.cli import summarize

@@ -110,6 +110,9 @@ def test_streamed_external_data_threshold_cli(checkpoints, tmp_path):
     assert 10 * (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["streamed"]
+    # the printed line says which validation ran, not only the manifest (issue 17, item 4)
+    assert ("validation (reduced 2-layer config against torch, structural check of the full artifact): passed"
+            in proc.stdout), proc.stdout
     assert runtime.load(str(out)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
 
 
@@ -176,3 +179,115 @@ def test_missing_tensor_is_one_clear_error(checkpoints, tmp_path):
     save_file(weights, str(broken / "model.safetensors"))
     with pytest.raises(ExportError, match="ln_f.bias"):
         export(ExportOptions(model=str(broken), output=str(tmp_path / "out"), stream=True, validate=False))
+
+
+# ---- truncated or corrupt checkpoints (issue 17, item 2) ----------------------------------------------------------
+
+def _copy_checkpoint(src, dst):
+    dst.mkdir()
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    return dst
+
+
+def _rewrite_header(path, edit):
+    """Apply edit(header dict) to a safetensors file's header, keeping its data bytes as they are."""
+    import struct
+
+    blob = path.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + blob[8 + length:])
+
+
+def _largest(header):
+    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+
+
+def _assert_nothing_written(tmp_path):
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("stream_", [True, False], ids=["streamed", "in-memory"])
+def test_truncated_checkpoint_is_refused_naming_file_and_tensor(checkpoints, tmp_path, stream_):
+    """A checkpoint cut by 2,000 bytes used to stream in silently (np.empty garbage for the missing bytes)."""
+    from gptexport.exporter.presets import ExportError
+
+    ckpt = _copy_checkpoint(checkpoints("gpt2"), tmp_path / "cut")
+    blob = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(blob[:-2000])
+    with pytest.raises(ExportError) as err:
+        export(ExportOptions(model=str(ckpt), output=str(tmp_path / "out"), stream=stream_, validate=False))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "model.safetensors" in message and "'transformer.wte.weight'" in message, message
+    assert "truncated by 2000 bytes" in message, message
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("corruption, expected", [
+    ("shape", "needs"),  # data_offsets no longer match shape x dtype
+    ("overlap", "overlaps the tensor before it"),
+    ("gap", "leaves a gap"),
+    ("dtype", "unknown dtype"),
+])
+def test_corrupt_safetensors_header_is_refused(checkpoints, tmp_path, corruption, expected):
+    from gptexport.exporter.presets import ExportError
+
+    ckpt = _copy_checkpoint(checkpoints("gpt2"), tmp_path / "bad")
+
+    def edit(header):
+        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        first, second = header[names[0]], header[names[1]]
+        if corruption == "shape":
+            first["shape"] = [first["shape"][0] + 1, *first["shape"][1:]]
+        elif corruption == "overlap":
+            second["data_offsets"] = [second["data_offsets"][0] - 4, second["data_offsets"][1] - 4]
+        elif corruption == "gap":
+            second["data_offsets"] = [second["data_offsets"][0] + 4, second["data_offsets"][1] + 4]
+        else:
+            first["dtype"] = "F12"
+
+    _rewrite_header(ckpt / "model.safetensors", edit)
+    with pytest.raises(ExportError, match=expected) as err:
+        export(ExportOptions(model=str(ckpt), output=str(tmp_path / "out"), stream=True, validate=False))
+    assert "model.safetensors: tensor '" in str(err.value)
+    _assert_nothing_written(tmp_path)
+
+
+def test_reader_counts_the_bytes_it_reads(checkpoints, tmp_path):
+    """A file that shrinks after its header was checked is caught at the read, not filled with garbage."""
+    ckpt = _copy_checkpoint(checkpoints("gpt2"), tmp_path / "ckpt")
+    reader = stream.SafetensorsWeights(ckpt)
+    path = ckpt / "model.safetensors"
+    last = max(reader.names(), key=lambda n: reader.entries[n][3])
+    os.truncate(path, path.stat().st_size - 100)
+    with pytest.raises(ValueError, match=rf"'{last}' is truncated: read \d+ of its \d+ bytes"):
+        reader.read(last)
+
+
+def test_failed_validation_names_the_check_that_failed(checkpoints, tmp_path, monkeypatch):
+    """A streamed export whose structural check fails used to print only the reduced export's figures (all within
+    their limits) as "validation failed: ..."; now the failed check and its problem are named."""
+    from gptexport.exporter import validate
+    from gptexport.exporter.presets import ExportError
+
+    real = validate.structural_check
+
+    def broken(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result["problems"] = ["model.transformer.h.0.mlp.c_fc.weight: 12 bytes in the data file, its shape needs 64"]
+        result["passed"] = False
+        return result
+
+    monkeypatch.setattr(validate, "structural_check", broken)
+    with pytest.raises(ExportError) as err:
+        export(ExportOptions(model=str(checkpoints("gpt2")), output=str(tmp_path / "out"), stream=True))
+    message = str(err.value)
+    assert message.startswith("validation failed: structural check of the artifact: model.transformer.h.0"), message
+    assert "logits max abs diff" not in message and "greedy agreement" not in message, message
+    _assert_nothing_written(tmp_path)
