@@ -65,6 +65,54 @@ def info_cmd(artifact, verify):
         click.echo(line)
 
 
+@cli.command("perplexity")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--window", type=int, default=None, help="Tokens per window. Default: the model's max positions.")
+@click.option("--stride", type=int, default=None, help="Tokens a window advances. Default: window // 2.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="An artifact of the same model (e.g. the fp32 export): adds KL divergence and top-1 agreement.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+def perplexity_cmd(artifact, files, window, stride, reference, as_json, provider):
+    """Perplexity of ARTIFACT on the text FILES (sliding window), and its KL divergence against --reference."""
+    import json
+
+    from .perplexity import EvaluationError, perplexity
+
+    texts = []
+    for path in files:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise EvaluationError(f"cannot read text file {str(path)!r}: {getattr(e, 'strerror', None) or e}") \
+                from None
+    model = load(artifact, provider=provider)
+    ref = load(reference, provider=provider) if reference is not None else None
+    result = perplexity(model, texts, window=window, stride=stride, reference=ref, names=[str(f) for f in files])
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    for line in perplexity_lines(result, reference):
+        click.echo(line)
+
+
+def perplexity_lines(result, reference=None) -> list:
+    """Human-readable lines for `gptrun perplexity`."""
+    lines = [f"perplexity: {result.perplexity:.4f} ({result.tokens} tokens scored, window {result.window}, "
+             f"stride {result.stride})"]
+    if len(result.texts) > 1:
+        lines += [f"  {t.name}: {t.perplexity:.4f} ({t.tokens} tokens)" for t in result.texts]
+    if result.kl is not None:
+        kl = result.kl
+        lines += [f"reference:  {reference} perplexity {kl['reference_perplexity']:.4f}, ratio "
+                  f"{kl['perplexity_ratio']:.5f} ({(kl['perplexity_ratio'] - 1) * 100:+.3f} %)",
+                  f"KL divergence (reference || model), nats per token: mean {kl['mean']:.6f}, median "
+                  f"{kl['median']:.6f}, p99 {kl['p99']:.6f}, p99.9 {kl['p99_9']:.6f}, max {kl['max']:.6f}",
+                  f"top-1 agreement: {kl['top1_agreement'] * 100:.2f} %"]
+    return lines
+
+
 def summarize(manifest: dict) -> list:
     """Human-readable lines for `gptrun info`.
 

@@ -25,6 +25,9 @@ from gptexport import runtime
 model = runtime.load(sys.argv[1])
 text = model.generate("xa", max_new_tokens=20)
 pieces = "".join(model.stream("xa", max_new_tokens=20))
+from gptexport.runtime.perplexity import perplexity  # the quality measurement too
+scored = perplexity(model, "xa" * 40, window=16, reference=model)
+assert scored.tokens == 79 and scored.kl["mean"] == 0.0, scored
 from gptexport.runtime.cli import main  # the CLI too
 leaked = sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in BLOCKED))
 assert not leaked, leaked
