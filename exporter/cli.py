@@ -7,6 +7,7 @@ import sys
 import click
 
 from gptexport.runtime.errors import GptexportError
+from gptexport.runtime.manifest import manifest_digest
 
 from .build import KV_LAYOUTS, STEPS, ExportOptions, export
 from .presets import PRESETS
@@ -111,6 +112,8 @@ def cli(model, output, random_weights, seed, force, no_validate, external_data_t
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())
     click.echo(_summary(result))
+    # what a deployment pins: runtime.load(dir, manifest_sha256=...), gptrun generate --manifest-sha256
+    click.echo(f"manifest sha256: {manifest_digest(result.output)}")
     if not result.manifest["validation"].get("skipped") and not result.manifest["validation"]["passed"]:
         sys.exit(1)
 

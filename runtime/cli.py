@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .errors import GptexportError
-from .manifest import read_manifest
+from .manifest import load_manifest
 from .model import load
 
 EXIT_ERROR = 2
@@ -38,10 +38,15 @@ def cli():
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--threads", type=int, default=None,
+              help="onnxruntime intra-op threads. Default: the cores this process may run on (CPU affinity and "
+                   "cgroup quota).")
+@click.option("--manifest-sha256", "manifest_sha256", default=None, metavar="HEX",
+              help="Refuse the artifact unless its manifest.json has this sha256 (gptexport prints it).")
 @click.option("--stats", is_flag=True, help="Print prefill time and tokens/s to stderr.")
-def generate_cmd(artifact, prompt, stream, provider, stats, stop, **settings):
+def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, stats, stop, **settings):
     """Print the continuation of PROMPT by the model in ARTIFACT."""
-    model = load(artifact, provider=provider)
+    model = load(artifact, provider=provider, threads=threads, manifest_sha256=manifest_sha256)
     settings["stop"] = list(stop) or None
     if stream:
         for piece in model.stream(prompt, **settings):
@@ -59,10 +64,14 @@ def generate_cmd(artifact, prompt, stream, provider, stats, stop, **settings):
 @cli.command("info")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--verify", type=click.Choice(["auto", "full", "size"]), default="size", show_default=True)
-def info_cmd(artifact, verify):
+@click.option("--manifest-sha256", "manifest_sha256", default=None, metavar="HEX",
+              help="Refuse the artifact unless its manifest.json has this sha256.")
+def info_cmd(artifact, verify, manifest_sha256):
     """Describe the artifact in ARTIFACT from its manifest."""
-    for line in summarize(read_manifest(artifact, verify=verify)):
+    manifest, digest = load_manifest(artifact, verify=verify, manifest_sha256=manifest_sha256)
+    for line in summarize(manifest):
         click.echo(line)
+    click.echo(f"manifest sha256: {digest}")
 
 
 @cli.command("perplexity")

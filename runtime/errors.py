@@ -13,7 +13,7 @@ class ArtifactError(GptexportError):
 
 
 class ProviderError(GptexportError):
-    """The requested execution provider is unknown or not available here."""
+    """The requested execution provider is unknown or not available here, or its settings (threads) are invalid."""
 
 
 class GenerationError(GptexportError, ValueError):

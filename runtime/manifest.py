@@ -22,6 +22,14 @@ Verification policy (`read_manifest(dir, verify=...)`):
   Failures to read or write the cache are ignored: it is an optimisation, never a source of trust beyond the
   facts above.
 
+Pinning (`load_manifest(dir, manifest_sha256=...)`): checksums show that the files match the manifest, not that the
+manifest is the one that was exported (whoever can replace model.onnx can rewrite manifest.json). A deployment
+that pins the sha256 of manifest.json (gptexport prints it) has the runtime refuse any other manifest; the digest
+is taken of the very bytes that are parsed.
+
+Files a loader reads itself (the graph without external data, the tokenizer) can be verified with
+`read_verified`, which hashes the bytes it returns, so nothing can swap the file between hashing and use.
+
 Every file named in ``files`` must be a plain name inside the directory (no separator, no ``..``, not absolute,
 not a symlink), so a manifest cannot point the runtime (or ONNX external data) outside the artifact.
 """
@@ -29,6 +37,8 @@ not a symlink), so a manifest cannot point the runtime (or ONNX external data) o
 import hashlib
 import json
 import os
+import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -118,20 +128,68 @@ def read_manifest(directory, verify: str = "auto", manifest: dict | None = None)
         ArtifactError: one line naming what is wrong (missing, newer, incomplete, modified), or an unknown
             `verify` mode.
     """
+    return load_manifest(directory, verify, manifest)[0]
+
+
+def load_manifest(directory, verify: str = "auto", manifest: dict | None = None, manifest_sha256=None,
+                  deferred=()) -> tuple:
+    """`read_manifest`, plus the manifest's own digest, an optional pin on it, and files left to the caller.
+
+    Args:
+        directory, verify, manifest: as `read_manifest`.
+        manifest_sha256: refuse a manifest.json whose sha256 is not this (64 hex digits); None: no pin.
+        deferred: names whose size is checked here but whose content the caller verifies with `read_verified`
+            as it reads them.
+    Returns:
+        (manifest dict, sha256 hex of manifest.json's bytes; None for a `manifest` dict).
+    Raises:
+        ArtifactError: as `read_manifest`; a malformed pin; a manifest whose digest is not the pinned one; a pin
+            together with a `manifest` dict.
+    """
     if verify not in VERIFY_MODES:
         raise ArtifactError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    pin = check_pin(manifest_sha256)
     directory = Path(directory)
+    digest = None
     if manifest is None:
-        manifest = _load_json(directory)
+        manifest, digest = _load_json(directory)
+    elif pin is not None:
+        raise ArtifactError("manifest_sha256 pins manifest.json; it cannot check a manifest passed as a dict")
     elif not directory.is_dir():
         raise ArtifactError(f"artifact directory {directory} does not exist")
+    if pin is not None and digest != pin:
+        raise ArtifactError(f"{directory / MANIFEST_NAME} has sha256 {digest}, not the pinned {pin}: refusing a "
+                            "manifest that is not the one exported")
     _check_version(directory, manifest)
     _check_keys(directory, manifest)
-    _verify_files(directory, manifest["files"], verify)
-    return manifest
+    _verify_files(directory, manifest["files"], verify, deferred)
+    return manifest, digest
 
 
-def _load_json(directory: Path) -> dict:
+def check_pin(manifest_sha256):
+    """The pin as lower-case hex, or None.
+
+    Raises:
+        ArtifactError: not 64 hex digits.
+    """
+    if manifest_sha256 is None:
+        return None
+    if not isinstance(manifest_sha256, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", manifest_sha256.strip()):
+        shown = repr(manifest_sha256) if len(repr(manifest_sha256)) <= 80 else repr(manifest_sha256)[:77] + "..."
+        raise ArtifactError(f"manifest_sha256 must be a sha256 digest (64 hex digits), got {shown}")
+    return manifest_sha256.strip().lower()
+
+
+def manifest_digest(directory) -> str:
+    """sha256 hex of `directory`/manifest.json as it is now (what gptexport prints and a deployment pins).
+
+    Raises:
+        ArtifactError: no directory, or no readable manifest.json.
+    """
+    return _read_json_bytes(Path(directory))[1]
+
+
+def _read_json_bytes(directory: Path) -> tuple:
     if not directory.is_dir():
         raise ArtifactError(f"artifact directory {directory} does not exist")
     path = directory / MANIFEST_NAME
@@ -139,12 +197,23 @@ def _load_json(directory: Path) -> dict:
         raise ArtifactError(f"{directory} is not a complete gptexport artifact (no {MANIFEST_NAME}); "
                             "re-run gptexport")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
+    return raw, hashlib.sha256(raw).hexdigest()
+
+
+def _load_json(directory: Path) -> tuple:
+    """(manifest, sha256 of the bytes parsed): one read, so the digest is of exactly what is used."""
+    raw, digest = _read_json_bytes(directory)
+    path = directory / MANIFEST_NAME
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); re-run gptexport") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a JSON object; re-run gptexport")
-    return manifest
+    return manifest, digest
 
 
 def _check_version(directory: Path, manifest: dict) -> None:
@@ -185,7 +254,7 @@ def _check_name(directory: Path, name: str) -> Path:
     return path
 
 
-def _verify_files(directory: Path, files: dict, verify: str) -> None:
+def _verify_files(directory: Path, files: dict, verify: str, deferred=()) -> None:
     cache = _load_cache() if verify == "auto" else {}
     changed = {}
     for name, entry in files.items():
@@ -195,10 +264,8 @@ def _verify_files(directory: Path, files: dict, verify: str) -> None:
         if not path.is_file():
             raise ArtifactError(f"{name} is listed in the manifest but missing from {directory}")
         st = path.stat()
-        if st.st_size != entry["size"]:
-            raise ArtifactError(f"size of {name} is {st.st_size} bytes, the manifest says {entry['size']}: "
-                                "the artifact was modified or truncated")
-        if verify == "size":
+        _check_size(name, st.st_size, entry)
+        if verify == "size" or name in deferred:
             continue
         key, stamp = os.path.realpath(path), _stamp(st, entry["sha256"])
         if verify == "auto" and cache.get(key) == stamp:
@@ -210,6 +277,58 @@ def _verify_files(directory: Path, files: dict, verify: str) -> None:
             changed[key] = stamp
     if verify == "auto" and changed:
         _save_cache(changed)
+
+
+def _check_size(name: str, size: int, entry: dict) -> None:
+    if size != entry["size"]:
+        raise ArtifactError(f"size of {name} is {size} bytes, the manifest says {entry['size']}: "
+                            "the artifact was modified or truncated")
+
+
+def read_verified(directory, name: str, manifest: dict, verify: str = "auto") -> bytes:
+    """Read one listed file and verify the bytes read (not the file afterwards) against the manifest.
+
+    Args:
+        directory: the artifact directory.
+        name: a file listed in manifest["files"].
+        manifest: the manifest (from `load_manifest`).
+        verify: as `read_manifest`: "full" hashes the bytes; "auto" hashes them unless the verify cache already
+            holds this exact file (size, mtime, ctime, inode, device, sha256, all taken from the open file before
+            and after the read); "size" checks the size only.
+    Returns:
+        The file's bytes.
+    Raises:
+        ArtifactError: not listed, a symlink, unreadable, a different size, or a checksum mismatch.
+    """
+    directory = Path(directory)
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict):
+        raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
+    path = _check_name(directory, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        before = os.fstat(f.fileno())
+        if not stat.S_ISREG(before.st_mode):
+            raise ArtifactError(f"{name} in {directory} is not a regular file")
+        _check_size(name, before.st_size, entry)
+        data = f.read()
+        after = os.fstat(f.fileno())
+    _check_size(name, len(data), entry)
+    if verify == "size":
+        return data
+    key, stamp = os.path.realpath(path), _stamp(before, entry["sha256"])
+    unchanged = _stamp(after, entry["sha256"]) == stamp
+    if verify == "auto" and unchanged and _load_cache().get(key) == stamp:
+        return data
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ArtifactError(f"checksum of {name} does not match the manifest: "
+                            "the artifact was modified or corrupted")
+    if verify == "auto" and unchanged:
+        _save_cache({key: stamp})
+    return data
 
 
 def _stamp(st: os.stat_result, sha256) -> list:

@@ -14,6 +14,7 @@ not its left padding, as transformers' processor does (`prompt_ignore_length`, t
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import ArtifactError, GenerationError
-from .manifest import read_manifest
+from .manifest import check_pin, load_manifest, manifest_digest, read_verified
 from .onnx_refs import check_external_data
 from .beam import beam_search
 from .sampling import SamplingParams, _check_float, next_tokens
-from .session import Decoder, create_session
+from .session import Decoder, check_threads, create_session
 
 MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 _REPLACEMENT = "\ufffd"
@@ -201,8 +202,9 @@ class Model:
     with the call.
     """
 
-    def __init__(self, manifest: dict, tokenizer: Tokenizer, decoder: Decoder):
+    def __init__(self, manifest: dict, tokenizer: Tokenizer, decoder: Decoder, manifest_sha256: str | None = None):
         self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256  # of the manifest.json bytes loaded (None: a manifest dict)
         self.tokenizer = tokenizer
         self.decoder = decoder
         special = manifest["special_tokens"]
@@ -494,8 +496,14 @@ class Model:
         return input_ids, mask
 
 
-def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: dict | None = None) -> Model:
+def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: dict | None = None, threads=None,
+         manifest_sha256: str | None = None) -> Model:
     """Verify an artifact and load it for generation.
+
+    The graph (when it has no external data: models under 2 GB) and the tokenizer are read once, and the bytes
+    read are the bytes hashed and the bytes onnxruntime and tokenizers load, so a file swapped after verification
+    is never used. With external data, onnxruntime opens model.onnx.data itself after it was hashed: the window
+    between hashing and opening remains for that file (keep the artifact directory writable only by its owner).
 
     Args:
         artifact_dir: the artifact directory.
@@ -503,41 +511,114 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
         verify: manifest verification policy, "auto", "full" or "size" (see runtime.manifest).
         manifest: a manifest dict to use instead of manifest.json (for the exporter's validation of a staged
             artifact); verified the same way.
+        threads: onnxruntime intra-op threads (None: the cores this process may run on, see
+            `session.available_cores`: CPU affinity and cgroup quota).
+        manifest_sha256: refuse the artifact unless manifest.json's sha256 is this (the digest gptexport prints).
     Returns:
-        A Model.
+        A Model (`model.manifest_sha256` is the digest of the manifest it loaded).
     Raises:
-        ArtifactError: the artifact is incomplete, modified, newer, or not loadable.
-        ProviderError: the provider is unknown or unavailable.
+        ArtifactError: the artifact is incomplete, modified, newer, not loadable, or not the pinned one.
+        ProviderError: the provider is unknown or unavailable, or `threads` is not an integer >= 1.
     """
     directory = _artifact_path(artifact_dir)
-    manifest = read_manifest(directory, verify=verify, manifest=manifest)
+    check_threads(threads)
+    manifest, digest = load_manifest(directory, verify=verify, manifest=manifest, manifest_sha256=manifest_sha256,
+                                     deferred=(MODEL_FILE, TOKENIZER_FILE))
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if name not in manifest["files"]:
             raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
+    raw = read_verified(directory, TOKENIZER_FILE, manifest, verify)
     try:
-        tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception
-        raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {e}") from None
-    check_external_data(directory, MODEL_FILE, manifest["files"])  # before onnxruntime opens any file
-    session = create_session(directory / MODEL_FILE, provider)
-    return Model(manifest, tokenizer, Decoder(session, provider, manifest))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {first}") from None
+    graph = read_verified(directory, MODEL_FILE, manifest, verify)
+    external = check_external_data(directory, MODEL_FILE, manifest["files"], data=graph)  # before onnxruntime
+    session = create_session(directory / MODEL_FILE, provider, threads, model_bytes=None if external else graph)
+    del graph
+    return Model(manifest, tokenizer, Decoder(session, provider, manifest), manifest_sha256=digest)
 
 
-_LOADED: dict = {}
-_LOADED_LOCK = threading.Lock()
+GENERATE_CACHE_SIZE = 4  # artifacts `runtime.generate` keeps loaded; the least recently used is dropped
 
 
-def generate(artifact_dir, prompt, provider: str = "cpu", **kwargs):
-    """Load (cached per realpath and provider) and generate; see `Model.generate` for the arguments.
+class _ModelCache:
+    """The models behind `runtime.generate`, keyed by (realpath, provider, threads, sha256 of manifest.json).
 
+    The manifest's digest is read on every call (one small file), so an artifact replaced in place (`gptexport
+    --force` to the same path) is loaded afresh and the stale model dropped. Loading runs outside the cache's
+    lock, under a lock of its own key: two artifacts load in parallel, one artifact loads once however many
+    threads ask for it.
+    """
+
+    def __init__(self, size: int = GENERATE_CACHE_SIZE):
+        self.size = size
+        self.models = OrderedDict()  # key -> Model, least recently used first
+        self.loading = {}  # key -> Lock held while that key loads
+        self.lock = threading.Lock()
+
+    def get(self, artifact_dir, provider, threads=None, manifest_sha256=None) -> Model:
+        directory = _artifact_path(artifact_dir)
+        check_threads(threads)
+        pin = check_pin(manifest_sha256)
+        digest = manifest_digest(directory)
+        if pin is not None and digest != pin:  # load() refuses it too; say so without loading
+            load_manifest(directory, verify="size", manifest_sha256=pin)
+        place = (os.path.realpath(directory), repr(provider), threads)
+        key = place + (digest,)
+        with self.lock:
+            model = self._hit(key)
+            if model is not None:
+                return model
+            loading = self.loading.setdefault(key, threading.Lock())
+        with loading:
+            with self.lock:
+                model = self._hit(key)
+                if model is not None:
+                    return model
+            try:
+                model = load(directory, provider=provider, threads=threads, manifest_sha256=pin)
+            except BaseException:
+                with self.lock:
+                    self.loading.pop(key, None)
+                raise
+            with self.lock:
+                # stored under the digest actually loaded (the manifest may have been replaced meanwhile);
+                # every other version of this artifact is dropped
+                for stale in [k for k in self.models if k[:3] == place]:
+                    del self.models[stale]
+                self.models[place + (model.manifest_sha256,)] = model
+                while len(self.models) > self.size:
+                    self.models.popitem(last=False)
+                self.loading.pop(key, None)
+        return model
+
+    def _hit(self, key):
+        model = self.models.get(key)
+        if model is not None:
+            self.models.move_to_end(key)
+        return model
+
+    def clear(self) -> None:
+        """Drop every cached model."""
+        with self.lock:
+            self.models.clear()
+
+
+_CACHE = _ModelCache()
+
+
+def generate(artifact_dir, prompt, provider: str = "cpu", threads=None, manifest_sha256: str | None = None,
+             **kwargs):
+    """Load (cached: see `_ModelCache`, at most GENERATE_CACHE_SIZE artifacts) and generate.
+
+    Args:
+        artifact_dir, provider, threads, manifest_sha256: as `load`.
+        prompt, kwargs: as `Model.generate`.
     Returns:
         As `Model.generate`.
     Raises:
         ArtifactError, ProviderError, GenerationError: as `load` and `Model.generate`.
     """
-    key = (os.path.realpath(_artifact_path(artifact_dir)), repr(provider))
-    with _LOADED_LOCK:  # threads calling generate() at once load the artifact once
-        if key not in _LOADED:
-            _LOADED[key] = load(artifact_dir, provider=provider)
-        model = _LOADED[key]
-    return model.generate(prompt, **kwargs)
+    return _CACHE.get(artifact_dir, provider, threads, manifest_sha256).generate(prompt, **kwargs)

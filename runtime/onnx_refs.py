@@ -129,11 +129,12 @@ def scan_locations(buf) -> list:
     return found
 
 
-def external_data_locations(model_path) -> list:
+def external_data_locations(model_path, data: bytes | None = None) -> list:
     """The external-data locations named in an ONNX file, as str, read through a memory map.
 
     Args:
         model_path: path to model.onnx.
+        data: the file's bytes, already read (then the file is not opened; `model_path` only names it).
     Returns:
         list of str (in no particular order, duplicates kept).
     Raises:
@@ -141,15 +142,10 @@ def external_data_locations(model_path) -> list:
     """
     path = Path(model_path)
     try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                return []
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    raw = scan_locations(view)
-                finally:
-                    view.release()
+        if data is not None:
+            raw = scan_locations(memoryview(data))
+        else:
+            raw = _scan_file(path)
     except _Malformed as e:
         raise ArtifactError(f"onnxruntime could not load {path}: not a valid ONNX protobuf (malformed field at "
                             f"byte {e.args[0]}); re-run gptexport") from None
@@ -161,7 +157,19 @@ def external_data_locations(model_path) -> list:
         raise ArtifactError(f"{path} names an external-data file that is not valid UTF-8") from None
 
 
-def check_external_data(directory, model_file: str, listed) -> list:
+def _scan_file(path: Path) -> list:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return []
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                return scan_locations(view)
+            finally:
+                view.release()
+
+
+def check_external_data(directory, model_file: str, listed, data: bytes | None = None) -> list:
     """Refuse external data that could make ONNX Runtime read outside the artifact directory.
 
     Every location must be a plain relative path (no absolute path, no '..', no NUL, no backslash), resolve to a
@@ -171,6 +179,7 @@ def check_external_data(directory, model_file: str, listed) -> list:
         directory: the artifact directory.
         model_file: the graph's file name inside it.
         listed: the names in the manifest's "files".
+        data: the graph's bytes when the caller has read (and verified) them; else the file is scanned.
     Returns:
         The distinct locations, normalised (e.g. ["model.onnx.data"]).
     Raises:
@@ -180,7 +189,7 @@ def check_external_data(directory, model_file: str, listed) -> list:
     root = os.path.realpath(directory)
     model_path = directory / model_file
     checked = []
-    for location in dict.fromkeys(external_data_locations(model_path)):
+    for location in dict.fromkeys(external_data_locations(model_path, data)):
         name = _plain_location(location)
         if name is None:
             raise ArtifactError(f"{model_file} refers to external data {location!r} outside the artifact "

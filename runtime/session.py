@@ -10,7 +10,9 @@ once per step (a few int64s), presents stay on the device as OrtValues and are b
 the logits come back to the host.
 """
 
+import math
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -26,10 +28,95 @@ KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
 
-def session_options() -> ort.SessionOptions:
-    """Full graph optimisation, sequential execution, one intra-op thread per core."""
+# Where the kernel says which cgroup this process is in, and where cgroup files are mounted (tests point them
+# at temporary files).
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota when one is set.
+
+    `os.cpu_count()` counts the machine's cores, so a container limited to 2 CPUs, or a process pinned to 4 of 64
+    cores (taskset, numactl, an edge box's isolated cores), would otherwise start 64 spinning threads. A quota of
+    1.5 CPUs counts as 2 (rounded up, at least 1).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cores, quota) if quota is not None else cores)
+
+
+def cgroup_cpu_limit():
+    """ceil(quota / period) of the tightest CPU quota on this process's cgroup path (v2 cpu.max, or v1
+    cpu.cfs_quota_us over cpu.cfs_period_us), its ancestors included; None when there is none or it is unreadable."""
+    limits = []
+    try:
+        lines = PROC_SELF_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        controllers, path = parts[1].split(","), parts[2].strip().lstrip("/")
+        if parts[1] == "":  # v2: one unified hierarchy
+            files = [(CGROUP_ROOT, "cpu.max", None)]
+        elif "cpu" in controllers:  # v1: the cpu controller's own mount
+            files = [(CGROUP_ROOT / name, "cpu.cfs_quota_us", "cpu.cfs_period_us")
+                     for name in (parts[1], "cpu", "cpu,cpuacct") if (CGROUP_ROOT / name).is_dir()][:1]
+        else:
+            continue
+        for root, quota_name, period_name in files:
+            for directory in _ancestors(root, path):
+                limit = _quota(directory, quota_name, period_name)
+                if limit is not None:
+                    limits.append(limit)
+    return min(limits) if limits else None
+
+
+def _ancestors(root: Path, path: str) -> list:
+    """root/a/b/c, root/a/b, root/a, root (a container often sees only root: its own cgroup, namespaced)."""
+    parts = [p for p in path.split("/") if p]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _quota(directory: Path, quota_name: str, period_name):
+    try:
+        if period_name is None:  # v2 cpu.max: "max 100000" or "150000 100000"
+            fields = (directory / quota_name).read_text().split()
+            if not fields or fields[0] == "max":
+                return None
+            quota, period = int(fields[0]), int(fields[1]) if len(fields) > 1 else 100000
+        else:  # v1: quota -1 means none
+            quota = int((directory / quota_name).read_text().strip())
+            period = int((directory / period_name).read_text().strip())
+    except (OSError, ValueError, IndexError):
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
+
+
+def check_threads(threads) -> None:
+    """Refuse a thread count that is not None or an integer >= 1.
+
+    Raises:
+        ProviderError: one line naming the bad value.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or threads < 1):
+        raise ProviderError(f"threads must be None (the cores this process may use) or an integer >= 1, "
+                            f"got {threads!r}")
+
+
+def session_options(threads=None) -> ort.SessionOptions:
+    """Full graph optimisation, sequential execution, one intra-op thread per available core (or `threads`)."""
+    check_threads(threads)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = int(threads) if threads is not None else available_cores()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options
@@ -49,21 +136,27 @@ def resolve_providers(provider: str) -> list:
     return PROVIDERS[provider]
 
 
-def create_session(model_path, provider: str = "cpu") -> ort.InferenceSession:
+def create_session(model_path, provider: str = "cpu", threads=None, model_bytes: bytes | None = None
+                   ) -> ort.InferenceSession:
     """Load an ONNX graph into an InferenceSession.
 
     Args:
-        model_path: path to model.onnx (external data is resolved next to it).
+        model_path: path to model.onnx (external data is resolved next to it; named in errors).
         provider: "cpu" or "cuda".
+        threads: intra-op threads (None: `available_cores()`).
+        model_bytes: the graph's bytes, already read and verified (a graph without external data): onnxruntime
+            loads these instead of opening `model_path`, so the file cannot change between hashing and loading.
     Returns:
         The session.
     Raises:
-        ProviderError: see `resolve_providers`.
+        ProviderError: see `resolve_providers`, or a bad `threads`.
         ArtifactError: onnxruntime could not load the graph (one line).
     """
     providers = resolve_providers(provider)
+    options = session_options(threads)
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=session_options(), providers=providers)
+        source = model_bytes if model_bytes is not None else str(model_path)
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"onnxruntime could not load {model_path}: {first}") from None

@@ -96,7 +96,7 @@ def test_eight_threads_give_the_serial_outputs(model):
 def test_module_generate_loads_once_under_threads(tiny_export, monkeypatch):
     import gptexport.runtime.model as rm
 
-    monkeypatch.setattr(rm, "_LOADED", {})
+    monkeypatch.setattr(rm, "_CACHE", rm._ModelCache())
     loads, real = [], rm.load
     monkeypatch.setattr(rm, "load", lambda *a, **k: loads.append(1) or real(*a, **k))
     artifact = tiny_export("gpt2")[1]
