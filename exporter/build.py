@@ -155,7 +155,8 @@ def _manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "producer": {"name": "gptexport", "version": __version__},
         "model": {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
-                  "random_weights": loaded.random_weights, "seed": loaded.seed},
+                  "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision},
+        "tokenizer": tokenizer_record(loaded),
         "config": facts,
         "dtype": opts.dtype,
         "kv_dtype": DTYPE_NAMES[kv.dtype],
@@ -168,6 +169,17 @@ def _manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
         "passes": passes,
         "validation": {"passed": None, "skipped": True},
     }
+
+
+def tokenizer_record(loaded) -> dict:
+    """The manifest's `tokenizer`: where tokenizer.json came from, and its size."""
+    origin = loaded.tokenizer_origin
+    if origin == "gpt2" and loaded.source != "preset":
+        note = "the checkpoint ships no tokenizer files: GPT-2's vocabulary was used"
+    else:
+        note = "GPT-2's vocabulary (a preset)" if origin == "gpt2" else "the checkpoint's own tokenizer"
+    return {"origin": origin, "fallback": origin == "gpt2" and loaded.source != "preset", "note": note,
+            "vocab_size": loaded.tokenizer.get_vocab_size(with_added_tokens=True)}
 
 
 def _session(directory: Path):
@@ -283,7 +295,7 @@ def export(opts: ExportOptions, on_step=None) -> ExportResult:
     check_options(opts)
     report = _Reporter(on_step)
     if opts.output is None:
-        _, name, _, _ = resolve_config(opts.model, opts.trust_remote_code)
+        name = resolve_config(opts.model, opts.trust_remote_code)[1]
         opts.output = default_output(name, opts.dtype)
     target = Path(opts.output).expanduser().resolve()
     _check_target(target, opts.force)

@@ -63,6 +63,11 @@ def _summary(result) -> str:
     lines.append("passes: " + (", ".join(shown) if shown else "none") + ("" if passes.get("fused") else " (not fused)"))
     for short in passes.get("shortfalls") or []:
         lines.append(f"WARNING fusion fell short: {short}")
+    tokenizer = m.get("tokenizer") or {}
+    if tokenizer.get("fallback"):
+        lines.append(f"WARNING tokenizer: {tokenizer['note']} ({tokenizer['vocab_size']} tokens)")
+    if m["model"].get("revision"):
+        lines.append(f"revision: {m['model']['revision']} (the hub commit config, tokenizer and weights came from)")
     if v.get("skipped"):
         lines.append("validation: skipped (--no-validate)")
     else:

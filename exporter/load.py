@@ -24,6 +24,8 @@ class Loaded:
     # Streaming export (models larger than memory): `model` has empty parameters and the graph reads its weights
     # from here when it is saved (exporter/stream.py); None when `model` holds the weights.
     weights: object | None = None
+    revision: str | None = None  # the hub commit sha that config, tokenizer and weights were all read from
+    tokenizer_origin: str = "checkpoint"  # or "gpt2": GPT-2's vocabulary (a preset, or a checkpoint shipping none)
 
 
 def _first_line(err: Exception) -> str:
@@ -39,20 +41,8 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "/", "~"))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers at all (so an offline machine fails in seconds, not after retries)."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+HUB_CONFIG_FILES = ["*.json", "*.txt", "*.model"]  # config, generation config, tokenizer files, weight index
+HUB_WEIGHT_FILES = {"safetensors": ["*.safetensors"], "bin": ["pytorch_model*.bin"]}
 
 
 def _offline_error(model: str, why: str) -> ExportError:
@@ -61,29 +51,72 @@ def _offline_error(model: str, why: str) -> ExportError:
                        f"--random-weights with a preset")
 
 
-def _hub_config(model: str, trust_remote_code: bool = False):
-    """The config of a hub model: from the local HF cache if it is there, else from the hub."""
+def hub_snapshot(hub_id: str, patterns: list[str], revision: str | None = None) -> tuple[str, str]:
+    """A local snapshot of `patterns` of a hub repository, and the commit sha it is.
+
+    huggingface_hub does the access: its offline mode (HF_HUB_OFFLINE) reads the local cache only, its HTTP
+    client takes the usual proxy settings (HTTPS_PROXY), and without network it falls back to the cache.
+    Called again with the returned sha, it reads the same commit (weights after config: one revision).
+
+    Args:
+        revision: a branch, tag or commit; None for the repository's default branch.
+    Returns:
+        (snapshot directory, 40-hex commit sha).
+    Raises:
+        ExportError: missing or gated repository, unknown revision, or not reachable and not cached.
+    """
+    import re
+
+    from huggingface_hub import is_offline_mode, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline = is_offline_mode()
+    try:
+        directory = snapshot_download(hub_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
+    except GatedRepoError:
+        raise _offline_error(hub_id, "the repository is gated: log in with `hf auth login` after accepting its "
+                                     "terms") from None
+    except RepositoryNotFoundError:
+        raise _offline_error(hub_id, "no such repository, or it is private") from None
+    except RevisionNotFoundError:
+        raise _offline_error(hub_id, f"no revision {revision!r}") from None
+    except Exception as err:  # noqa: BLE001 - no network and not cached (LocalEntryNotFoundError, ...), I/O
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            f"not reachable and not in the local cache: {type(err).__name__}"
+        raise _offline_error(hub_id, why) from None
+    sha = Path(directory).name  # huggingface_hub's cache keeps each snapshot under snapshots/<commit sha>
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):
+        raise ExportError(f"cannot tell which commit of {hub_id!r} was fetched (snapshot {directory!r})")
+    return directory, sha
+
+
+def hub_weights(hub_id: str, revision: str) -> str:
+    """The snapshot of `revision` with its weights too: safetensors, else pytorch_model*.bin (same commit)."""
+    directory, _ = hub_snapshot(hub_id, HUB_CONFIG_FILES + HUB_WEIGHT_FILES["safetensors"], revision)
+    if not any(Path(directory).glob("*.safetensors")):
+        directory, _ = hub_snapshot(hub_id, HUB_CONFIG_FILES + HUB_WEIGHT_FILES["bin"], revision)
+    return directory
+
+
+def _read_config(directory: str, model: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - not cached: go to the hub
-        pass
-    if not hub_reachable():
-        raise _offline_error(model, "no network")
-    try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - missing repo, gated, network: all end the same way for the user
-        raise _offline_error(model, type(err).__name__) from None
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable config, unknown model_type, custom code refused
+        raise ExportError(f"cannot read the config of {model!r}: {_first_line(err) or type(err).__name__}") from None
 
 
 def resolve_config(model: str, trust_remote_code: bool = False):
     """Return (config, name, source, where) for MODEL, with no weights loaded.
 
+    `where` is the checkpoint directory: the local one, or for a hub id the snapshot of the commit its config was
+    read from (weights are then read from that commit too); for a preset, its hub id.
+
     Raises:
         ExportError: unknown name, unsupported architecture, or a hub id that cannot be fetched.
     """
-    from transformers import AutoConfig, GPT2Config, GPTJConfig  # noqa: F401
+    from transformers import GPT2Config, GPTJConfig
 
     if model in PRESETS:
         preset = PRESETS[model]
@@ -93,13 +126,10 @@ def resolve_config(model: str, trust_remote_code: bool = False):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ExportError(f"{model!r} is a directory without config.json; pass a transformers checkpoint directory")
-        try:
-            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        except Exception as err:  # noqa: BLE001 - unreadable config, unknown model_type, custom code refused
-            raise ExportError(f"cannot read the config of {model!r}: {_first_line(err) or type(err).__name__}") from None
-        return config, path.resolve().name, "local", str(path)
-    if _looks_like_hub_id(model):
-        return _hub_config(model, trust_remote_code), model.split("/")[-1], "hub", model
+        return _read_config(str(path), model, trust_remote_code), path.resolve().name, "local", str(path)
+    if _looks_like_hub_id(model):  # `where` is the snapshot of one commit (its directory is named by the sha)
+        directory, _ = hub_snapshot(model, HUB_CONFIG_FILES)
+        return _read_config(directory, model, trust_remote_code), model.split("/")[-1], "hub", directory
     names = ", ".join(PRESETS)
     raise ExportError(f"unknown model {model!r}: pass a preset ({names}), a hub id (owner/name) or a local directory")
 
@@ -131,26 +161,32 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         from .stream import fits_in_memory, parameter_count
 
         stream = not fits_in_memory(parameter_count(model_cls, config))
+    revision = None
+    if source == "preset" and not random_weights:  # the preset's weights: its hub repository
+        where, revision = hub_snapshot(PRESETS[model].hub_id, HUB_CONFIG_FILES)
+    elif source == "hub":
+        revision = Path(where).name
+    tokenizer, origin = (gpt2_tokenizer(config.vocab_size), "gpt2") if source == "preset" and random_weights else \
+        checkpoint_tokenizer(where, config, name)
     if stream:
-        return _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed)
-    if random_weights:
+        loaded = _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed, revision)
+    elif random_weights:
         torch.manual_seed(seed)
-        net = model_cls(config)
-        tokenizer = gpt2_tokenizer(config.vocab_size) if source == "preset" else checkpoint_tokenizer(where, config.vocab_size)
+        loaded = Loaded(model_cls(config).eval(), arch, name, source, None, True, seed)
     else:
-        where = where if source != "preset" else PRESETS[model].hub_id
-        offline = source != "local" and not hub_reachable()
+        directory = where if source == "local" else hub_weights(PRESETS[model].hub_id if source == "preset"
+                                                                else model, revision)
         try:
-            net = model_cls.from_pretrained(where, attn_implementation="eager", dtype=torch.float32,
-                                            trust_remote_code=trust_remote_code, local_files_only=offline)
-        except Exception as err:  # noqa: BLE001 - network or file errors become one line
+            net = model_cls.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
+                                            trust_remote_code=trust_remote_code, local_files_only=True)
+        except Exception as err:  # noqa: BLE001 - file errors become one line
             hint = " (or use --random-weights for an offline build)" if source != "local" else ""
-            problem = _safetensors_problem(where) if source == "local" else None  # which file, which tensor
-            raise ExportError(f"cannot load the weights of {where!r}: "
+            problem = _safetensors_problem(directory)  # which file, which tensor
+            raise ExportError(f"cannot load the weights of {model if source != 'local' else where!r}: "
                               f"{problem or type(err).__name__ + ': ' + _first_line(err)}{hint}") from None
-        tokenizer = checkpoint_tokenizer(where, config.vocab_size)
-    net.eval()
-    return Loaded(net, arch, name, source, tokenizer, random_weights, seed if random_weights else None)
+        loaded = Loaded(net.eval(), arch, name, source, None, False, None)
+    loaded.tokenizer, loaded.tokenizer_origin, loaded.revision = tokenizer, origin, revision
+    return loaded
 
 
 def _safetensors_problem(directory: str) -> str | None:
@@ -167,30 +203,18 @@ def _safetensors_problem(directory: str) -> str | None:
     return None
 
 
-def _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed) -> Loaded:
+def _load_streamed(model, model_cls, config, arch, name, source, where, random_weights, seed, revision) -> Loaded:
     """The model with empty parameters and where its weights will come from (random, or safetensors files)."""
     from . import stream
-    from .tokenizer import checkpoint_tokenizer, gpt2_tokenizer
 
     net = stream.empty_model(model_cls, config)
     if random_weights:
-        weights = stream.RandomWeights.for_model(net, seed)
-        tokenizer = gpt2_tokenizer(config.vocab_size) if source == "preset" else checkpoint_tokenizer(where, config.vocab_size)
-        return Loaded(net, arch, name, source, tokenizer, True, seed, weights)
-    directory = where if source == "local" else _hub_snapshot(PRESETS[model].hub_id if source == "preset" else where)
+        return Loaded(net, arch, name, source, None, True, seed, stream.RandomWeights.for_model(net, seed))
+    directory = where if source == "local" else \
+        hub_snapshot(PRESETS[model].hub_id if source == "preset" else model,
+                     HUB_CONFIG_FILES + HUB_WEIGHT_FILES["safetensors"], revision)[0]
     try:
         weights = stream.SafetensorsWeights(directory)
     except (OSError, ValueError) as err:
-        raise ExportError(f"cannot stream the weights of {where!r}: {err}") from None
-    return Loaded(net, arch, name, source, checkpoint_tokenizer(directory, config.vocab_size), False, None, weights)
-
-
-def _hub_snapshot(hub_id: str) -> str:
-    """A local directory with the hub model's config, tokenizer and safetensors (from the cache when offline)."""
-    from huggingface_hub import snapshot_download
-
-    offline = not hub_reachable()
-    try:
-        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt"], local_files_only=offline)
-    except Exception as err:  # noqa: BLE001 - network or missing files end the same way for the user
-        raise _offline_error(hub_id, type(err).__name__) from None
+        raise ExportError(f"cannot stream the weights of {model if source != 'local' else where!r}: {err}") from None
+    return Loaded(net, arch, name, source, None, False, None, weights)
