@@ -26,7 +26,7 @@ from .manifest import check_pin, load_manifest, manifest_digest, read_verified
 from .onnx_refs import check_external_data
 from .beam import beam_search
 from .sampling import SamplingParams, _check_float, next_tokens
-from .session import Decoder, check_threads, create_session
+from .session import Decoder, check_cuda_placement, check_threads, create_session
 
 MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 _REPLACEMENT = "\ufffd"
@@ -524,6 +524,8 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
     check_threads(threads)
     manifest, digest = load_manifest(directory, verify=verify, manifest=manifest, manifest_sha256=manifest_sha256,
                                      deferred=(MODEL_FILE, TOKENIZER_FILE))
+    if provider == "cuda":  # a node with no CUDA kernel would run on the CPU, copying its tensors every step
+        check_cuda_placement(manifest, directory)
     for name in (MODEL_FILE, TOKENIZER_FILE):
         if name not in manifest["files"]:
             raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")

@@ -136,6 +136,65 @@ def resolve_providers(provider: str) -> list:
     return PROVIDERS[provider]
 
 
+# Artifacts whose graph has a node onnxruntime's CUDA provider has no kernel for (checked against onnxruntime's
+# contrib_ops/cuda kernel registrations): under provider "cuda" that node would run on the CPU and its tensors
+# (activations, and for attention the whole KV cache) would cross the bus every step. Every other op of our
+# graphs (MultiHeadAttention, RotaryEmbedding, SkipLayerNormalization, FastGelu, MatMulNBits, standard ops) has
+# float32 and float16 CUDA kernels.
+CUDA_UNSUPPORTED = [
+    (lambda m: m.get("dtype") == "int8",
+     "its int8 weights use com.microsoft DynamicQuantizeMatMul, which onnxruntime implements on the CPU only "
+     "(export with --fp16 or --int4 for CUDA)"),
+    (lambda m: m.get("kv_layout") == "shared_buffer" and m.get("kv_dtype") != "float16",
+     "its shared_buffer KV cache uses com.microsoft GroupQueryAttention, whose CUDA kernels take float16 or "
+     "bfloat16 only (export with --fp16, or with --kv-layout concat)"),
+]
+DISABLE_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
+CPU_FALLBACK_REFUSAL = "assigned to the default CPU EP"  # onnxruntime's error when that option refuses a graph
+
+
+class CPUFallbackWarning(RuntimeWarning):
+    """provider "cuda": onnxruntime placed some nodes of the graph on the CPU."""
+
+
+def check_cuda_placement(manifest: dict, directory) -> None:
+    """Refuse, before any session, an artifact that has a node with no CUDA kernel.
+
+    Raises:
+        ProviderError: one line naming the node type and the exports that run on CUDA.
+    """
+    for applies, why in CUDA_UNSUPPORTED:
+        if applies(manifest):
+            raise ProviderError(f"provider 'cuda' refused for {directory} (dtype {manifest.get('dtype')}, kv layout "
+                                f"{manifest.get('kv_layout', 'concat')}): {why}; or use --provider cpu")
+
+
+def _cuda_session(source, model_path, threads) -> ort.InferenceSession:
+    """A CUDA session that is refused at load when any node falls back to the CPU, retried with a loud warning.
+
+    onnxruntime's own check (`session.disable_cpu_ep_fallback`) refuses a graph with any node on the CPU, and
+    onnxruntime places small shape computations there by design, so a refusal here cannot tell those from a
+    compute node: the known compute nodes are refused before (`check_cuda_placement`); for the rest the session
+    is made again with fallback allowed and a CPUFallbackWarning says so. Python's own silent retry on the CPU
+    (InferenceSession's enable_fallback) is off in both.
+    """
+    import warnings
+
+    strict = session_options(threads)
+    strict.add_session_config_entry(DISABLE_CPU_FALLBACK, "1")
+    try:
+        return ort.InferenceSession(source, sess_options=strict, providers=PROVIDERS["cuda"][:1], enable_fallback=0)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's Fail; anything else is retried and reported below
+        if CPU_FALLBACK_REFUSAL not in str(e):
+            raise
+    warnings.warn(f"provider 'cuda': onnxruntime placed some nodes of {model_path} on the CPU (it refuses the graph "
+                  f"with {DISABLE_CPU_FALLBACK}=1); shape computations are placed there by design, a compute node "
+                  f"there copies its tensors across the bus every step (onnxruntime's verbose log lists the "
+                  f"placement)", CPUFallbackWarning, stacklevel=4)
+    return ort.InferenceSession(source, sess_options=session_options(threads), providers=PROVIDERS["cuda"],
+                                enable_fallback=0)
+
+
 def create_session(model_path, provider: str = "cpu", threads=None, model_bytes: bytes | None = None
                    ) -> ort.InferenceSession:
     """Load an ONNX graph into an InferenceSession.
@@ -151,12 +210,17 @@ def create_session(model_path, provider: str = "cpu", threads=None, model_bytes:
     Raises:
         ProviderError: see `resolve_providers`, or a bad `threads`.
         ArtifactError: onnxruntime could not load the graph (one line).
+    Warns:
+        CPUFallbackWarning: provider "cuda" and onnxruntime placed some nodes on the CPU (see `_cuda_session`).
     """
     providers = resolve_providers(provider)
     options = session_options(threads)
     try:
         source = model_bytes if model_bytes is not None else str(model_path)
-        session = ort.InferenceSession(source, sess_options=options, providers=providers)
+        if provider == "cuda":
+            session = _cuda_session(source, model_path, threads)
+        else:
+            session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... classes
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"onnxruntime could not load {model_path}: {first}") from None
