@@ -233,7 +233,7 @@ def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict,
     import tempfile
 
     from . import stream
-    from .build import _Reporter, _session, write_artifact
+    from .artifact import Reporter, open_session, write_artifact
 
     config = reduced_config(loaded.model.config)
     model_cls = type(loaded.model)
@@ -242,10 +242,10 @@ def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict,
     small_facts = loaded.architecture.facts(config)
     with tempfile.TemporaryDirectory(prefix=".reduced-", dir=artifact.parent) as tmp:
         small_manifest = write_artifact(small, small_facts, dataclasses.replace(opts, external_data_threshold=0),
-                                        Path(tmp), _Reporter())
+                                        Path(tmp), Reporter())
         reference = model_cls(config).eval()
         stream.materialise(reference, small.weights)
-        result = validate(reference, small_facts, loaded.tokenizer, tmp, _session(Path(tmp)), opts.dtype, eos,
+        result = validate(reference, small_facts, loaded.tokenizer, tmp, open_session(Path(tmp)), opts.dtype, eos,
                           manifest=small_manifest)
     result["reduced_config"] = small_facts
     result["structural"] = structural_check(artifact, facts, manifest)
@@ -260,8 +260,9 @@ def structural_check(artifact: Path, facts: dict, manifest: dict) -> dict:
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    from .build import DATA_FILE, MODEL_FILE
     from gptexport.graphs import shared_kv
+
+    from .artifact import DATA_FILE, MODEL_FILE
 
     proto = onnx.load(str(Path(artifact) / MODEL_FILE), load_external_data=False)
     layers, problems = facts["num_layers"], []

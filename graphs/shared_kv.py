@@ -154,57 +154,20 @@ def _remove_mask(graph: ir.Graph, mask: ir.Value) -> None:
             del graph.initializers[name]
 
 
-def record(manifest: dict, model: ir.Model, count: int) -> None:
-    """Describe the rewritten graph in its manifest: kv_layout, the pass's count, the variant's inputs/outputs.
-
-    Used by the exporter (`gptexport --kv-layout shared_buffer`) and by `write_artifact`, so both write the same.
+def manifest_facts(model: ir.Model, count: int, num_layers: int) -> dict:
+    """What the manifest says about the rewritten graph, as data (the exporter merges it and writes the files).
 
     Args:
-        manifest: the artifact's manifest (its "config" gives the expected count), changed in place.
         model: the graph after `to_shared_kv`.
         count: what `to_shared_kv` returned.
+        num_layers: the architecture's layers: one GroupQueryAttention each is expected, like the fused attention.
+    Returns:
+        {"kv_layout", "counts": {NAME: count}, "expected": {NAME: num_layers}, "inputs", "outputs"}.
     """
-    manifest["kv_layout"] = KV_LAYOUT
-    passes = manifest.setdefault("passes", {})
-    passes.setdefault("counts", {})[NAME] = count
-    if "config" in manifest:  # one GroupQueryAttention per layer, like the fused attention it replaces
-        passes.setdefault("expected", {})[NAME] = manifest["config"]["num_layers"]
-    manifest["inputs"], manifest["outputs"] = io_spec(model.graph.inputs), io_spec(model.graph.outputs)
+    return {"kv_layout": KV_LAYOUT, "counts": {NAME: count}, "expected": {NAME: num_layers},
+            "inputs": io_spec(model.graph.inputs), "outputs": io_spec(model.graph.outputs)}
 
 
 def input_names(default: list[str]) -> list[str]:
     """The variant's graph inputs, in order, given the default graph's (docs/ARTIFACT.md)."""
     return [n for n in default if n != "attention_mask"] + [SEQLENS, TOTAL, LOGITS_INDEX]
-
-
-def write_artifact(source, target) -> int:
-    """Copy the artifact at `source` to `target` with its model.onnx rewritten into the shared_kv variant.
-
-    The manifest is updated by `record` (what `gptexport --kv-layout shared_buffer` writes) and gets the new
-    file entries, so the runtime verifies it like any artifact. The exporter flag is the usual way to make one;
-    this converts an artifact that already exists.
-
-    Returns:
-        The number of attentions rewritten.
-    Raises:
-        Reject: see `to_shared_kv`.
-    """
-    import json
-    import shutil
-    from pathlib import Path
-
-    from gptexport.runtime.manifest import write_manifest  # the artifact contract's own writer (stdlib only)
-
-    source, target = Path(source), Path(target)
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
-    model = ir.load(source / "model.onnx")
-    count = to_shared_kv(model)
-    external = any(p.name == "model.onnx.data" for p in source.iterdir())
-    ir.save(model, target / "model.onnx", external_data="model.onnx.data" if external else None)
-    shutil.copy2(source / "tokenizer.json", target / "tokenizer.json")
-    manifest = json.loads((source / "manifest.json").read_text())
-    record(manifest, model, count)
-    write_manifest(target, manifest)
-    return count

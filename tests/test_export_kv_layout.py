@@ -2,8 +2,8 @@
 
 Parity ladder on tiny random models: the export validates (logits and buffer slots against torch through the
 runtime's cache, greedy tokens through runtime.load); greedy tokens equal transformers' generate on a left-padded
-batch; the manifest says what graph it ships with, exactly as graphs.shared_kv.write_artifact writes it. Bad
-combinations are one line and exit code 2, before any work.
+batch; the manifest says what graph it ships with, exactly as exporter.artifact.convert_to_shared_buffer writes
+it. Bad combinations are one line and exit code 2, before any work.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from gptexport import runtime
-from gptexport.exporter.build import ExportOptions, _session, export
+from gptexport.exporter.artifact import convert_to_shared_buffer, open_session
+from gptexport.exporter.build import ExportOptions, export
 from gptexport.exporter.presets import ExportError
 from gptexport.exporter.validate import logits_check
 from gptexport.graphs import shared_kv
@@ -69,12 +70,12 @@ def test_greedy_equals_transformers_on_a_padded_batch(shared_export, hf_model, n
     assert ours == theirs
 
 
-def test_exporter_and_write_artifact_describe_the_variant_alike(shared_export, tiny_export, tmp_path):
-    """The flag and the after-the-fact conversion share graphs.shared_kv.record: same manifest facts."""
+def test_exporter_and_conversion_describe_the_variant_alike(shared_export, tiny_export, tmp_path):
+    """The flag and the after-the-fact conversion share graphs.shared_kv.manifest_facts: same manifest facts."""
     import json
 
     _, default_dir, _ = tiny_export("gpt2")
-    assert shared_kv.write_artifact(default_dir, tmp_path / "converted") == 2
+    assert convert_to_shared_buffer(default_dir, tmp_path / "converted") == 2
     converted = json.loads((tmp_path / "converted" / "manifest.json").read_text())
     direct = shared_export("gpt2")[1].manifest
     for key in ("kv_layout", "inputs", "outputs"):
@@ -88,7 +89,7 @@ def test_logits_check_of_the_variant_sees_a_wrong_model(shared_export, hf_model,
     other = tmp_path / "other"
     other.mkdir()
     make_checkpoint(other, "gpt2", seed=1)
-    check = logits_check(hf_model(other), result.manifest["config"], _session(result.output), result.manifest)
+    check = logits_check(hf_model(other), result.manifest["config"], open_session(result.output), result.manifest)
     assert check["logits_max_abs_diff"] > 10 * LOGITS_ATOL["float32"], check
     assert check["present_max_abs_diff"] > 10 * LOGITS_ATOL["float32"], check
 

@@ -21,19 +21,19 @@ from gptexport.runtime.errors import ArtifactError
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Runs `python -m exporter.cli ARGS`, but first wraps one exporter.build function so that, once it has returned,
-# the child prints a marker and sleeps until it is killed.
+# Runs `python -m exporter.cli ARGS`, but first wraps one exporter function ("module.function") so that, once it has
+# returned, the child prints a marker and sleeps until it is killed.
 HOOKED = """
-import runpy, sys, time
-import gptexport.exporter.build as build
-point = sys.argv.pop(1)
-real = getattr(build, point)
+import importlib, runpy, sys, time
+module, point = sys.argv.pop(1).split(".")
+module = importlib.import_module("gptexport.exporter." + module)
+real = getattr(module, point)
 def paused(*args, **kwargs):
     result = real(*args, **kwargs)
     print("PAUSED", flush=True)
     time.sleep(600)
     return result
-setattr(build, point, paused)
+setattr(module, point, paused)
 sys.argv[0] = "gptexport"
 runpy.run_module("gptexport.exporter.cli", run_name="__main__")
 """
@@ -87,9 +87,9 @@ def test_sigkill_as_soon_as_staging_appears(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("point", [
-    "save_graph",
-    "_validate",  # the staged artifact is loaded by the runtime here, yet has no manifest.json
-    "write_manifest_file",  # the manifest is written, but beside the staging dir, moved in after the rename
+    "artifact.save_graph",
+    "build._validate",  # the staged artifact is loaded by the runtime here, yet has no manifest.json
+    "artifact.write_manifest_file",  # the manifest is written, but beside the staging dir, moved in after the rename
 ])
 def test_sigkill_mid_export(checkpoint, tmp_path, point):
     target = tmp_path / "artifact"

@@ -127,10 +127,10 @@ def test_cli_num_beams(tiny_export, pair, capsys):
 
 def test_shared_buffer_layout_reorders_its_cache(tiny_export, pair, tmp_path):
     """The in-place cache (kv_layout shared_buffer) reorders its rows per beam: same tokens as the default graph."""
-    from gptexport.graphs.shared_kv import write_artifact
+    from gptexport.exporter.artifact import convert_to_shared_buffer
 
     _, artifact, _ = tiny_export("gpt2")
-    write_artifact(artifact, tmp_path / "shared")
+    convert_to_shared_buffer(artifact, tmp_path / "shared")
     shared = runtime.load(tmp_path / "shared")
     assert shared.decoder.shared
     model, _, _ = pair("gpt2")

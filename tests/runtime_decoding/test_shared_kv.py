@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 
 from gptexport import runtime
 from gptexport.graphs.fusion._match import Reject
-from gptexport.graphs.shared_kv import to_shared_kv, write_artifact
+from gptexport.exporter.artifact import convert_to_shared_buffer
+from gptexport.graphs.shared_kv import to_shared_kv
 from tiny_models import hf_greedy
 
 FP32_LOGITS_ATOL = 1e-4  # same kernels' math in another order (GroupQueryAttention vs MultiHeadAttention)
@@ -31,7 +32,7 @@ def shared(tiny_export, tmp_path_factory):
         if name not in made:
             ckpt, artifact, _ = tiny_export(name)
             target = tmp_path_factory.mktemp(f"{name}-shared") / "artifact"
-            assert write_artifact(artifact, target) == 2  # one attention per layer
+            assert convert_to_shared_buffer(artifact, target) == 2  # one attention per layer
             made[name] = (ckpt, artifact, target)
         return made[name]
 

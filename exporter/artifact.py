@@ -1,0 +1,312 @@
+"""Writing artifact directories: the graph, the tokenizer and the manifest, staged and published atomically.
+
+The exporter's only writer of artifacts, shared by `gptexport MODEL` (build.py), the reduced-config check of
+streamed exports (validate.py) and the conversion of an existing artifact to the in-place KV-cache graph. graphs/
+rewrites graphs and describes them as data (`graphs.shared_kv.manifest_facts`); files are written here.
+
+    staged(target, force) ─▶ hidden staging dir ─▶ write files ─▶ publish(staging, target, manifest)
+                                                                   rename into place, manifest.json last
+
+A failed or killed write never leaves a directory that looks complete: manifest.json, which marks completion,
+is written beside the staging dir and moved in only after the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from gptexport.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, checksum_files
+
+from .passes import run_passes
+from .presets import ExportError
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to model.onnx.data (protobuf limit)
+_INLINE_BYTES = 1024  # tensors this small stay in the graph: shape constants must be readable for shape inference
+MODEL_FILE, DATA_FILE, TOKENIZER_FILE = "model.onnx", "model.onnx.data", "tokenizer.json"
+STALE_SECONDS = 60
+
+
+class Reporter:
+    """Times named steps and tells `on_step(name, "start"|"done", seconds)`; the CLI passes a rich display."""
+
+    def __init__(self, on_step=None):
+        self.on_step = on_step or (lambda name, state, seconds: None)
+        self.timings = {}
+
+    @contextmanager
+    def step(self, name: str):
+        self.on_step(name, "start", 0.0)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+        self.on_step(name, "done", self.timings[name])
+
+
+# ---- the files --------------------------------------------------------------------------------------------------
+
+def _weight_bytes(ir_model) -> int:
+    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_graph(ir_model, directory: Path, threshold: int) -> None:
+    """Write model.onnx, with the weights in model.onnx.data when they exceed `threshold` bytes."""
+    import onnx_ir as ir
+
+    path = directory / MODEL_FILE
+    if _weight_bytes(ir_model) > threshold:
+        ir.save(ir_model, str(path), external_data=DATA_FILE, size_threshold_bytes=_INLINE_BYTES)
+    else:
+        ir.save(ir_model, str(path))
+
+
+def build_manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
+    """The manifest of a freshly traced graph (docs/ARTIFACT.md), without "files" and "validation" results."""
+    from gptexport.graphs.signature import DTYPE_NAMES, io_spec
+
+    from . import __version__
+
+    config = loaded.model.config
+    kv = next(v for v in ir_model.graph.inputs if v.name.startswith("past_key_values."))
+    eos = config.eos_token_id if config.eos_token_id is not None else 50256
+    return {
+        "format_version": FORMAT_VERSION,
+        "producer": {"name": "gptexport", "version": __version__},
+        "model": {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
+                  "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision},
+        "tokenizer": tokenizer_record(loaded),
+        "config": facts,
+        "dtype": opts.dtype,
+        "kv_dtype": DTYPE_NAMES[kv.dtype],
+        "inputs": io_spec(ir_model.graph.inputs),
+        "outputs": io_spec(ir_model.graph.outputs),
+        "special_tokens": {"bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos,
+                           "eos_token_id": eos, "pad_token_id": eos},
+        "generation": {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                       "repetition_penalty": 1.0},
+        "passes": passes,
+        "validation": {"passed": None, "skipped": True},
+    }
+
+
+def tokenizer_record(loaded) -> dict:
+    """The manifest's `tokenizer`: where tokenizer.json came from, and its size."""
+    origin = loaded.tokenizer_origin
+    if origin == "gpt2" and loaded.source != "preset":
+        note = "the checkpoint ships no tokenizer files: GPT-2's vocabulary was used"
+    else:
+        note = "GPT-2's vocabulary (a preset)" if origin == "gpt2" else "the checkpoint's own tokenizer"
+    return {"origin": origin, "fallback": origin == "gpt2" and loaded.source != "preset", "note": note,
+            "vocab_size": loaded.tokenizer.get_vocab_size(with_added_tokens=True)}
+
+
+def open_session(directory: Path):
+    """A CPU onnxruntime session of the artifact's model.onnx (for validation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(directory / MODEL_FILE), options, providers=["CPUExecutionProvider"])
+
+
+def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter) -> dict:
+    """Trace, passes and save into `directory`; the same code for in-memory and streamed weights.
+
+    Args:
+        opts: an ExportOptions (fuse, dtype, strict, kv_layout, external_data_threshold are read).
+    Returns:
+        the manifest, with the checksums of the files written but not itself written: manifest.json marks a
+        complete artifact, so it is written only when the artifact is published.
+    """
+    from .trace import trace
+
+    with report.step("trace"):
+        try:
+            ir_model = trace(loaded.model, facts, loaded.weights)
+        except KeyError as err:
+            raise ExportError(f"cannot stream the weights: {err.args[0]}") from None
+    with report.step("passes"):
+        passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
+                            strict=opts.strict)
+        shared = to_shared_buffer(ir_model) if opts.kv_layout == "shared_buffer" else None  # after precision
+    with report.step("save"):  # streamed weights are read, converted and written here, one at a time
+        save_graph(ir_model, directory, opts.external_data_threshold)
+        loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
+        manifest = build_manifest(loaded, facts, ir_model, opts, passes)
+        if shared is not None:
+            apply_shared_buffer_facts(manifest, ir_model, shared)
+        manifest["files"] = checksum_files(directory)
+    return manifest
+
+
+# ---- the in-place KV-cache graph (graphs/shared_kv.py) ------------------------------------------------------------
+
+def to_shared_buffer(ir_model) -> int:
+    """The in-place KV-cache rewrite (graphs/shared_kv.py) of the fused graph; returns the attentions rewritten.
+
+    Raises:
+        ExportError: the fused graph does not fit the variant (e.g. attention fusion fell short), with the reason.
+    """
+    from gptexport.graphs.fusion._match import Reject
+    from gptexport.graphs.shared_kv import to_shared_kv
+
+    try:
+        return to_shared_kv(ir_model)
+    except Reject as err:
+        raise ExportError(f"--kv-layout shared_buffer: cannot rewrite this graph: {err}") from None
+
+
+def apply_shared_buffer_facts(manifest: dict, ir_model, count: int) -> None:
+    """Merge what graphs.shared_kv says about the rewritten graph into its manifest (changed in place)."""
+    from gptexport.graphs.shared_kv import manifest_facts
+
+    facts = manifest_facts(ir_model, count, manifest["config"]["num_layers"])
+    manifest["kv_layout"] = facts["kv_layout"]
+    passes = manifest.setdefault("passes", {})
+    passes.setdefault("counts", {}).update(facts["counts"])
+    passes.setdefault("expected", {}).update(facts["expected"])
+    manifest["inputs"], manifest["outputs"] = facts["inputs"], facts["outputs"]
+
+
+def convert_to_shared_buffer(source, target, force: bool = False) -> int:
+    """Write a copy of the artifact at `source` to `target` with its graph rewritten into the in-place variant.
+
+    The manifest gets the same facts `gptexport --kv-layout shared_buffer` writes and new file entries, so the
+    runtime verifies it like any artifact; staged and published like an export.
+
+    Returns:
+        The number of attentions rewritten.
+    Raises:
+        ExportError: `target` exists without `force`, or the graph cannot become the variant.
+    """
+    import onnx_ir as ir
+
+    source, target = Path(source), Path(target)
+    manifest = json.loads((source / MANIFEST_NAME).read_text())
+    with staged(target, force) as staging:
+        model = ir.load(source / MODEL_FILE)
+        count = to_shared_buffer(model)
+        external = (source / DATA_FILE).exists()
+        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE if external else None)
+        shutil.copy2(source / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        for name in manifest.get("files", {}):  # the other files it ships (config.json, tokenizer files)
+            if name not in (MODEL_FILE, DATA_FILE, TOKENIZER_FILE) and (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        apply_shared_buffer_facts(manifest, model, count)
+        manifest["files"] = checksum_files(staging)
+        publish(staging, target, manifest)
+    return count
+
+
+# ---- staging and publishing --------------------------------------------------------------------------------------
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse a target that exists (without --force), is not a directory, or whose parent does not exist."""
+    if target.exists() and not force:
+        raise ExportError(f"output directory {str(target)!r} already exists; pass --force to replace it")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"output path {str(target)!r} exists and is not a directory")
+    if target.exists():
+        why = _not_replaceable(target)
+        if why:
+            raise ExportError(f"--force replaces only an empty directory or a gptexport artifact; {str(target)!r} "
+                              f"{why}: nothing was touched (choose another -o)")
+    if not target.parent.exists():
+        raise ExportError(f"parent directory of {str(target)!r} does not exist")
+
+
+def _not_replaceable(target: Path) -> str | None:
+    """Why --force must not remove the existing directory `target`, or None when it may.
+
+    Only an empty directory, or an artifact of ours holding nothing but its manifest and the files the manifest
+    lists, is replaced: `-o . --force` or `-o ~ --force` must never delete a directory of the user's.
+    """
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        return "is the current directory or one above it"
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return None
+    try:
+        manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"is not empty and has no readable {MANIFEST_NAME} of a gptexport artifact"
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("producer"), dict)
+            and manifest["producer"].get("name") == "gptexport" and isinstance(manifest.get("files"), dict)):
+        return f"is not empty and its {MANIFEST_NAME} is not a gptexport artifact's"
+    foreign = [name for name in entries if name != MANIFEST_NAME and name not in manifest["files"]]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"is a gptexport artifact but also holds files its manifest does not list ({shown})"
+    return None
+
+
+@contextmanager
+def staged(target: Path, force: bool):
+    """A hidden staging directory beside `target`, removed (with any pending manifest) if the body fails.
+
+    Yields:
+        the staging directory; the body writes into it and ends with `publish`.
+    Raises:
+        ExportError: see `check_target`.
+    """
+    target = Path(target).expanduser().resolve()
+    check_target(target, force)
+    remove_stale_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _pending(target).unlink(missing_ok=True)
+        raise
+
+
+def _pending(target: Path) -> Path:
+    return target.parent / f".{target.name}.manifest-{os.getpid()}.json"
+
+
+def publish(staging: Path, target: Path, manifest: dict) -> None:
+    """Move the finished staging dir into place, then its manifest.json (an existing target, with --force, goes
+    last); the manifest is written durably beside the staging dir first, so it appears only when all else has."""
+    target = Path(target).expanduser().resolve()
+    pending = _pending(target)
+    write_manifest_file(pending, manifest)
+    old = None
+    if target.exists():
+        check_target(target, force=True)  # again: the directory may have changed while the export ran
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rename(target, old / "previous")
+    os.rename(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(pending, target / MANIFEST_NAME)
+
+
+def write_manifest_file(path: Path, manifest: dict) -> None:
+    """Write the manifest JSON (its "files" already computed) durably to `path`."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove what killed earlier writes to the same target left: hidden staging dirs without a manifest.
+
+    Only dirs untouched for STALE_SECONDS, so a concurrent export's live staging dir is left alone.
+    """
+    for prefix in (f".{target.name}.partial-", f".{target.name}.manifest-", f".{target.name}.old-"):
+        for path in target.parent.glob(prefix + "*"):
+            if time.time() - path.lstat().st_mtime <= STALE_SECONDS or path.is_symlink():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
