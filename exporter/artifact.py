@@ -29,6 +29,12 @@ from .presets import ExportError
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to model.onnx.data (protobuf limit)
 _INLINE_BYTES = 1024  # tensors this small stay in the graph: shape constants must be readable for shape inference
 MODEL_FILE, DATA_FILE, TOKENIZER_FILE = "model.onnx", "model.onnx.data", "tokenizer.json"
+# What transformers and Optimum read beside the graph: ORTModelForCausalLM.from_pretrained(DIR) takes the model's
+# config and generation defaults, AutoTokenizer the tokenizer's. The runtime reads none of them (the manifest is
+# its contract); they are listed in the manifest with checksums like every file.
+CONFIG_FILE, GENERATION_CONFIG_FILE = "config.json", "generation_config.json"
+TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE = "tokenizer_config.json", "special_tokens_map.json"
+ECOSYSTEM_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
 STALE_SECONDS = 60
 
 
@@ -138,10 +144,49 @@ def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter)
         save_graph(ir_model, directory, opts.external_data_threshold)
         loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
         manifest = build_manifest(loaded, facts, ir_model, opts, passes)
+        write_tokenizer_files(directory, loaded.tokenizer, manifest["special_tokens"], facts["max_positions"])
         if shared is not None:
             apply_shared_buffer_facts(manifest, ir_model, shared)
+        else:  # the in-place graph has other inputs: Optimum cannot run it, so no config tells it to try
+            write_model_config(directory, loaded.model.config, loaded.architecture.model_class)
         manifest["files"] = checksum_files(directory)
     return manifest
+
+
+def write_model_config(directory: Path, config, model_class: str) -> None:
+    """config.json and generation_config.json of the exported model, as transformers writes them.
+
+    Args:
+        config: the transformers config the graph was traced from.
+        model_class: its LM class (e.g. "GPT2LMHeadModel"), recorded as `architectures`.
+    """
+    from transformers import GenerationConfig
+
+    config = config.__class__.from_dict(config.to_dict())  # a copy: the traced model's own stays untouched
+    config.architectures = [model_class]
+    config.use_cache = True
+    config.save_pretrained(str(directory))
+    GenerationConfig.from_model_config(config).save_pretrained(str(directory))
+
+
+def write_tokenizer_files(directory: Path, tokenizer, special_tokens: dict, max_positions: int) -> None:
+    """tokenizer_config.json and special_tokens_map.json beside tokenizer.json, so that
+    `AutoTokenizer.from_pretrained(DIR)` gives the fast GPT-2 tokenizer with the artifact's special tokens.
+
+    Args:
+        tokenizer: the `tokenizers.Tokenizer` saved as tokenizer.json.
+        special_tokens: the manifest's special_tokens (bos/eos/pad ids).
+        max_positions: the model's positions (`model_max_length`).
+    """
+    def token(key):
+        return tokenizer.id_to_token(special_tokens[key])
+
+    specials = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+                "unk_token": token("eos_token_id")}  # GPT-2's tokenizer has no unknown token of its own
+    config = {"tokenizer_class": "GPT2Tokenizer", **specials, "model_max_length": max_positions,
+              "add_prefix_space": False, "clean_up_tokenization_spaces": False}
+    for name, data in ((TOKENIZER_CONFIG_FILE, config), (SPECIAL_TOKENS_FILE, specials)):
+        (directory / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 # ---- the in-place KV-cache graph (graphs/shared_kv.py) ------------------------------------------------------------
@@ -194,8 +239,8 @@ def convert_to_shared_buffer(source, target, force: bool = False) -> int:
         external = (source / DATA_FILE).exists()
         ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE if external else None)
         shutil.copy2(source / TOKENIZER_FILE, staging / TOKENIZER_FILE)
-        for name in manifest.get("files", {}):  # the other files it ships (config.json, tokenizer files)
-            if name not in (MODEL_FILE, DATA_FILE, TOKENIZER_FILE) and (source / name).is_file():
+        for name in (TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE):  # not config.json: Optimum cannot run this graph
+            if name in manifest.get("files", {}):
                 shutil.copy2(source / name, staging / name)
         apply_shared_buffer_facts(manifest, model, count)
         manifest["files"] = checksum_files(staging)

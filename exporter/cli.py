@@ -80,7 +80,14 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
+def _version() -> str:
+    from gptexport import __version__
+
+    return __version__
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="gptexport", message="%(prog)s %(version)s")
 @click.argument("model")
 @click.option("-o", "--output", help="Artifact directory to create (default: ./MODEL-onnx-DTYPE).")
 @click.option("--random-weights", is_flag=True, help="Build the architecture with seeded random weights (offline).")

@@ -17,7 +17,14 @@ from .model import load
 EXIT_ERROR = 2
 
 
+def _version() -> str:
+    from gptexport import __version__
+
+    return __version__
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="gptrun", message="%(prog)s (gptexport) %(version)s")
 def cli():
     """Run gptexport artifacts with numpy + onnxruntime (no torch)."""
 
@@ -66,9 +73,15 @@ def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, s
 @click.option("--verify", type=click.Choice(["auto", "full", "size"]), default="size", show_default=True)
 @click.option("--manifest-sha256", "manifest_sha256", default=None, metavar="HEX",
               help="Refuse the artifact unless its manifest.json has this sha256.")
-def info_cmd(artifact, verify, manifest_sha256):
+@click.option("--json", "as_json", is_flag=True, help="Print the same facts as one JSON object.")
+def info_cmd(artifact, verify, manifest_sha256, as_json):
     """Describe the artifact in ARTIFACT from its manifest."""
+    import json
+
     manifest, digest = load_manifest(artifact, verify=verify, manifest_sha256=manifest_sha256)
+    if as_json:
+        click.echo(json.dumps(dict(describe(manifest), manifest_sha256=digest), indent=2))
+        return
     for line in summarize(manifest):
         click.echo(line)
     click.echo(f"manifest sha256: {digest}")
@@ -122,33 +135,70 @@ def perplexity_lines(result, reference=None) -> list:
     return lines
 
 
+OPTIMUM_FILES = ("config.json", "generation_config.json")  # what Optimum's ORTModelForCausalLM reads beside the graph
+
+
+def describe(manifest: dict) -> dict:
+    """The facts `gptrun info` shows, as data (`--json` prints this; the text form renders it).
+
+    Args:
+        manifest: a verified manifest.
+    Returns:
+        {"model", "format_version", "producer", "config", "dtype", "kv_dtype", "kv_layout", "passes", "fused",
+         "validation", "optimum_loadable", "files"}; validation keeps its scalar figures, files map name -> bytes.
+    """
+    model, passes = manifest.get("model", {}), manifest.get("passes", {})
+    layout = manifest.get("kv_layout", "concat")
+    return {
+        "model": {k: model.get(k) for k in ("name", "architecture", "source", "random_weights")},
+        "format_version": manifest["format_version"],
+        "producer": manifest.get("producer", {}),
+        "config": manifest["config"],
+        "dtype": manifest["dtype"],
+        "kv_dtype": manifest["kv_dtype"],
+        "kv_layout": layout,
+        "passes": dict(passes.get("counts", {})),
+        "fused": bool(passes.get("fused")),
+        "validation": {k: v for k, v in manifest.get("validation", {}).items() if not isinstance(v, (list, dict))},
+        # the default graph with Optimum's config files loads in ORTModelForCausalLM; the in-place one cannot
+        "optimum_loadable": layout == "concat" and all(f in manifest["files"] for f in OPTIMUM_FILES),
+        "files": {name: entry["size"] for name, entry in manifest["files"].items()},
+    }
+
+
 def summarize(manifest: dict) -> list:
-    """Human-readable lines for `gptrun info`.
+    """Human-readable lines for `gptrun info` (the facts of `describe`).
 
     Args:
         manifest: a verified manifest.
     Returns:
         Lines of text.
     """
-    model, config = manifest.get("model", {}), manifest["config"]
-    passes, validation = manifest.get("passes", {}), manifest.get("validation", {})
+    facts = describe(manifest)
+    model, config, validation = facts["model"], facts["config"], facts["validation"]
+    if facts["optimum_loadable"]:
+        optimum = "loadable (ORTModelForCausalLM.from_pretrained)"
+    elif facts["kv_layout"] != "concat":
+        optimum = "not loadable (the in-place shared_buffer graph is gptexport's own)"
+    else:
+        optimum = f"not loadable (no {' / '.join(f for f in OPTIMUM_FILES if f not in facts['files'])})"
     lines = [
-        f"model:        {model.get('name')} ({model.get('architecture')}, source {model.get('source')}"
-        + (", random weights" if model.get("random_weights") else "") + ")",
-        f"format:       {manifest['format_version']} (producer {manifest.get('producer', {}).get('version')})",
+        f"model:        {model['name']} ({model['architecture']}, source {model['source']}"
+        + (", random weights" if model["random_weights"] else "") + ")",
+        f"format:       {facts['format_version']} (producer {facts['producer'].get('version')})",
         f"shape:        {config['num_layers']} layers, {config['num_heads']} heads x {config['head_size']}, "
         f"hidden {config.get('hidden_size')}, vocab {config['vocab_size']}, {config['max_positions']} positions"
         + (f", rotary_dim {config['rotary_dim']}" if config.get("rotary_dim") else ""),
-        f"dtype:        {manifest['dtype']} (kv {manifest['kv_dtype']})",
+        f"dtype:        {facts['dtype']} (kv {facts['kv_dtype']})",
         "kv layout:    " + ("shared_buffer (in-place: one preallocated buffer per request, written by the graph)"
-                            if manifest.get("kv_layout") == "shared_buffer" else "concat (past + new each step)"),
-        "passes:       " + (", ".join(f"{k}={v}" for k, v in passes.get("counts", {}).items()) or "none")
-        + ("" if passes.get("fused") else " (not fused)"),
-        "validation:   " + (", ".join(f"{k}={v}" for k, v in validation.items() if not isinstance(v, (list, dict)))
-                            or "none"),
+                            if facts["kv_layout"] == "shared_buffer" else "concat (past + new each step)"),
+        "passes:       " + (", ".join(f"{k}={v}" for k, v in facts["passes"].items()) or "none")
+        + ("" if facts["fused"] else " (not fused)"),
+        "validation:   " + (", ".join(f"{k}={v}" for k, v in validation.items()) or "none"),
+        f"optimum:      {optimum}",
         "files:",
     ]
-    lines += [f"  {name:<24} {_size(entry['size']):>10}" for name, entry in manifest["files"].items()]
+    lines += [f"  {name:<24} {_size(size):>10}" for name, size in facts["files"].items()]
     return lines
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def gptrun(*args):
-    return subprocess.run([sys.executable, "-c", "from runtime.cli import main; main()", *map(str, args)],
+    return subprocess.run([sys.executable, "-c", "from gptexport.runtime.cli import main; main()", *map(str, args)],
                           cwd=ROOT, capture_output=True, text=True, encoding="utf-8", timeout=120)
 
 
@@ -35,6 +35,34 @@ def test_info(artifact):
     for text in ("fake", "2 layers", "2 heads x 4", "float32", "kv layout:    concat", "model.onnx", "tokenizer.json",
                  "greedy_agreement"):
         assert text in result.stdout
+
+
+def test_info_json_has_the_facts_of_the_text_form(artifact):
+    import json
+
+    text, raw = gptrun("info", artifact), gptrun("info", artifact, "--json")
+    assert raw.returncode == 0, raw.stderr
+    facts = json.loads(raw.stdout)
+    assert facts["model"]["name"] == "fake" and facts["config"]["num_layers"] == 2
+    assert facts["dtype"] == "float32" and facts["kv_layout"] == "concat"
+    assert facts["optimum_loadable"] is False  # the fake artifact ships no config.json
+    assert "optimum:      not loadable (no config.json / generation_config.json)" in text.stdout
+    for name, size in facts["files"].items():
+        assert name in text.stdout and isinstance(size, int)
+    for key, value in facts["validation"].items():
+        assert f"{key}={value}" in text.stdout
+    for key, value in facts["passes"].items():
+        assert f"{key}={value}" in text.stdout
+    assert f"manifest sha256: {facts['manifest_sha256']}" in text.stdout
+
+
+def test_version_of_both_commands():
+    from gptexport import __version__
+
+    assert gptrun("--version").stdout == f"gptrun (gptexport) {__version__}\n"
+    done = subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", "--version"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == f"gptexport {__version__}\n", done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
