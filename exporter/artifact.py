@@ -76,10 +76,11 @@ def build_manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
     from gptexport.graphs.signature import DTYPE_NAMES, io_spec
 
     from . import __version__
+    from .generation import generation_section, special_tokens
 
     config = loaded.model.config
+    generation_config = getattr(loaded.model, "generation_config", None)  # the checkpoint's (exporter/load.py)
     kv = next(v for v in ir_model.graph.inputs if v.name.startswith("past_key_values."))
-    eos = config.eos_token_id if config.eos_token_id is not None else 50256
     return {
         "format_version": FORMAT_VERSION,
         "producer": {"name": "gptexport", "version": __version__},
@@ -91,10 +92,8 @@ def build_manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
         "kv_dtype": DTYPE_NAMES[kv.dtype],
         "inputs": io_spec(ir_model.graph.inputs),
         "outputs": io_spec(ir_model.graph.outputs),
-        "special_tokens": {"bos_token_id": config.bos_token_id if config.bos_token_id is not None else eos,
-                           "eos_token_id": eos, "pad_token_id": eos},
-        "generation": {"max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                       "repetition_penalty": 1.0},
+        "special_tokens": special_tokens(config, generation_config),
+        "generation": generation_section(generation_config),
         "passes": passes,
         "validation": {"passed": None, "skipped": True},
     }
@@ -148,17 +147,19 @@ def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter)
         if shared is not None:
             apply_shared_buffer_facts(manifest, ir_model, shared)
         else:  # the in-place graph has other inputs: Optimum cannot run it, so no config tells it to try
-            write_model_config(directory, loaded.model.config, loaded.architecture.model_class)
+            write_model_config(directory, loaded.model.config, loaded.architecture.model_class,
+                               getattr(loaded.model, "generation_config", None))
         manifest["files"] = checksum_files(directory)
     return manifest
 
 
-def write_model_config(directory: Path, config, model_class: str) -> None:
+def write_model_config(directory: Path, config, model_class: str, generation_config=None) -> None:
     """config.json and generation_config.json of the exported model, as transformers writes them.
 
     Args:
         config: the transformers config the graph was traced from.
         model_class: its LM class (e.g. "GPT2LMHeadModel"), recorded as `architectures`.
+        generation_config: the checkpoint's (exporter/load.py); None: derived from `config`.
     """
     from transformers import GenerationConfig
 
@@ -166,7 +167,7 @@ def write_model_config(directory: Path, config, model_class: str) -> None:
     config.architectures = [model_class]
     config.use_cache = True
     config.save_pretrained(str(directory))
-    GenerationConfig.from_model_config(config).save_pretrained(str(directory))
+    (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(str(directory))
 
 
 def write_tokenizer_files(directory: Path, tokenizer, special_tokens: dict, max_positions: int) -> None:
@@ -178,8 +179,8 @@ def write_tokenizer_files(directory: Path, tokenizer, special_tokens: dict, max_
         special_tokens: the manifest's special_tokens (bos/eos/pad ids).
         max_positions: the model's positions (`model_max_length`).
     """
-    def token(key):
-        return tokenizer.id_to_token(special_tokens[key])
+    def token(key):  # None for a model without that token (no id is invented)
+        return None if special_tokens[key] is None else tokenizer.id_to_token(special_tokens[key])
 
     specials = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                 "unk_token": token("eos_token_id")}  # GPT-2's tokenizer has no unknown token of its own

@@ -65,7 +65,9 @@ def check_options(opts: ExportOptions) -> None:
 
 def _validate(loaded, facts: dict, opts: ExportOptions, staging: Path, manifest: dict) -> dict:
     """Against torch when the model is in memory; else the reduced-config check plus a structural check."""
-    eos = manifest["special_tokens"]["eos_token_id"]
+    special = manifest["special_tokens"]
+    # validation pads with it and forces min_new_tokens; a model without eos (None) pads with its pad id
+    eos = next((t for t in (special["eos_token_id"], special["pad_token_id"]) if t is not None), 0)
     if loaded.weights is None:
         from .validate import validate
 

@@ -151,6 +151,7 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
     import torch
     import transformers
 
+    from .generation import checkpoint_generation_config
     from .tokenizer import checkpoint_tokenizer, gpt2_tokenizer
 
     config, name, source, where = resolve_config(model, trust_remote_code)
@@ -185,6 +186,9 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
             raise ExportError(f"cannot load the weights of {model if source != 'local' else where!r}: "
                               f"{problem or type(err).__name__ + ': ' + _first_line(err)}{hint}") from None
         loaded = Loaded(net.eval(), arch, name, source, None, False, None)
+    # what from_pretrained reads from generation_config.json, for empty (streamed) and random-weight models too
+    loaded.model.generation_config = checkpoint_generation_config(
+        None if source == "preset" and random_weights else where, config)
     loaded.tokenizer, loaded.tokenizer_origin, loaded.revision = tokenizer, origin, revision
     return loaded
 

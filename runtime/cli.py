@@ -34,11 +34,14 @@ def cli():
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=None, help="Default: the artifact's generation default.")
 @click.option("--min-new-tokens", type=int, default=0, show_default=True)
-@click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-k", type=int, default=0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--do-sample/--greedy", default=None,
+              help="Sample, or decode greedily. Default, and for the four settings below: the checkpoint's "
+                   "generation_config.json as the artifact carries it, else transformers' defaults (greedy, "
+                   "temperature 1, top-k 50, top-p 1, repetition penalty 1).")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None, help="0 disables.")
+@click.option("--top-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--num-beams", type=int, default=1, show_default=True, help="Beam search when > 1 (no sampling, no --stream).")
 @click.option("--length-penalty", type=float, default=1.0, show_default=True, help="Beam search: score / length ** this.")

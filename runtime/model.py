@@ -30,6 +30,10 @@ from .session import Decoder, check_cuda_placement, check_threads, create_sessio
 
 MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 _REPLACEMENT = "\ufffd"
+# What a setting left as None becomes when the manifest does not say: transformers' GenerationConfig defaults
+# (5.x `_get_default_generation_params`), and our 32 new tokens where transformers stops at max_length 20.
+TRANSFORMERS_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+DEFAULT_MAX_NEW_TOKENS = 32
 
 
 @dataclass
@@ -213,6 +217,8 @@ class Model:
         self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
         self.max_positions = manifest["config"]["max_positions"]
         self.defaults = manifest.get("generation", {})
+        # manifests before issue 17 wrote fixed settings ("top_k": 0), not the checkpoint's: only their length counts
+        self._carried = "source" in self.defaults
         self._local = threading.local()
 
     @property
@@ -226,18 +232,20 @@ class Model:
 
     # -- public API ------------------------------------------------------------------------------------------
 
-    def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
-                 top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, return_tokens=False,
+    def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=None, temperature=None,
+                 top_k=None, top_p=None, repetition_penalty=None, seed=None, stop=None, return_tokens=False,
                  return_logprobs=False, num_beams=1, length_penalty=1.0, early_stopping=False, eos_token_id=None,
                  return_result=False):
         """Generate a continuation for one prompt or a left-padded batch of prompts.
 
         Args:
             prompt: a str, or a list of str (one batch).
-            max_new_tokens: tokens to generate at most (None: the manifest's generation default).
+            max_new_tokens: tokens to generate at most (None: the manifest's generation default: the checkpoint's
+                max_new_tokens, or its max_length minus the longest prompt, else 32).
             min_new_tokens: eos is forbidden until this many tokens were generated.
-            do_sample, temperature, top_k, top_p, repetition_penalty: as transformers' `generate`
-                (temperature 0 with do_sample means greedy).
+            do_sample, temperature, top_k, top_p, repetition_penalty: as transformers' `generate` (temperature 0
+                with do_sample means greedy). None: the checkpoint's generation_config.json as the manifest carries
+                it, else transformers' defaults (greedy; top_k 50 when sampling).
             seed: seeds numpy's Generator for sampling (None: fresh entropy).
             stop: a str or list of str; a row stops when its text contains one, and its text is cut before it
                 (and its tokens and logprobs after the token that completes the text: see `Completion.tokens`).
@@ -269,7 +277,7 @@ class Model:
         stops = _normalize_stops(stop)
         _check_seed(seed)
         eos = self._eos(eos_token_id)
-        length_penalty = _check_beam(num_beams, length_penalty, early_stopping, do_sample)
+        length_penalty = _check_beam(num_beams, length_penalty, early_stopping, params.do_sample)
         stats = Stats()
         if num_beams > 1:
             if stops:
@@ -291,8 +299,8 @@ class Model:
         extra = ([tokens] if return_tokens else []) + ([logprobs] if return_logprobs else [])
         return (texts, *extra) if extra else texts
 
-    def stream(self, prompt: str, max_new_tokens=None, min_new_tokens=0, do_sample=False, temperature=1.0,
-               top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=None, num_beams=1, length_penalty=1.0,
+    def stream(self, prompt: str, max_new_tokens=None, min_new_tokens=0, do_sample=None, temperature=None,
+               top_k=None, top_p=None, repetition_penalty=None, seed=None, stop=None, num_beams=1, length_penalty=1.0,
                early_stopping=False, eos_token_id=None):
         """Generate for one prompt, yielding text pieces as they become stable.
 
@@ -473,13 +481,34 @@ class Model:
             rows.append(_Row(prompt=ids))
         return rows
 
+    def _default(self, name: str, value):
+        """An explicit argument wins; then the checkpoint's setting from the manifest; then transformers'."""
+        if value is not None:
+            return value
+        carried = self.defaults.get(name) if self._carried else None
+        return carried if carried is not None else TRANSFORMERS_DEFAULTS[name]
+
+    def _default_length(self, longest: int):
+        """max_new_tokens when the call gives none: the manifest's, or its max_length minus the prompt."""
+        if self.defaults.get("max_new_tokens") is not None or not self._carried:
+            return self.defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        max_length = self.defaults.get("max_length")
+        if max_length is None:
+            return DEFAULT_MAX_NEW_TOKENS
+        if longest >= max_length:
+            raise GenerationError(f"prompt ({longest} tokens) reaches the artifact's default max_length "
+                                  f"({max_length} tokens, prompt included); pass max_new_tokens")
+        return max_length - longest
+
     def _params(self, max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
                 repetition_penalty, rows) -> SamplingParams:
-        if max_new_tokens is None:
-            max_new_tokens = self.defaults.get("max_new_tokens", 32)
-        params = SamplingParams.create(max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p,
-                                       repetition_penalty)
         longest = max(len(row.prompt) for row in rows)
+        if max_new_tokens is None:
+            max_new_tokens = self._default_length(longest)
+        params = SamplingParams.create(max_new_tokens, min_new_tokens, self._default("do_sample", do_sample),
+                                       self._default("temperature", temperature), self._default("top_k", top_k),
+                                       self._default("top_p", top_p),
+                                       self._default("repetition_penalty", repetition_penalty))
         if longest + params.max_new_tokens > self.max_positions:
             raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) "
                                   f"exceeds the model's {self.max_positions} positions")
