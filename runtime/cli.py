@@ -1,4 +1,5 @@
-"""`gptrun`: generate text from an artifact, or describe one. Thin commands over runtime's public API.
+"""`gptrun`: generate text from an artifact, serve it over HTTP, or describe one. Thin commands over runtime's
+public API.
 
 Every error a user can cause (bad artifact, bad argument, click usage error) is one line on stderr,
 `gptrun: error: ...`, with exit code 2 and no traceback.
@@ -69,6 +70,54 @@ def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, s
         s = model.last_stats
         click.echo(f"prefill: {s.prompt_tokens} tokens in {s.prefill_s * 1000:.1f} ms; decode: {s.new_tokens} "
                    f"tokens, {s.decode_tokens_per_s:.1f} tokens/s", err=True)
+
+
+@cli.command("serve")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: a free port.")
+@click.option("--model-name", default=None, help="Name clients pass as `model` (default: the artifact's directory name).")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="KV cache slots: sequences decoded together.")
+@click.option("--max-queue", type=click.IntRange(0, 100000), default=64, show_default=True,
+              help="Sequences that may wait for a slot; past that, 429.")
+@click.option("--context", type=click.IntRange(2, None), default=None,
+              help="Positions per slot, prompt + max_tokens (default: the model's; lower it to shrink the cache).")
+@click.option("--api-key", envvar="GPTEXPORT_API_KEY", default=None, show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' on /v1 (or set GPTEXPORT_API_KEY, or --api-key-file).")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the key from this file.")
+@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime threads (default: one per core).")
+@click.option("--request-timeout", type=click.FloatRange(0, None, min_open=True), default=600.0, show_default=True,
+              help="Seconds a request may take, queue included.")
+@click.option("--drain-timeout", type=click.FloatRange(0, None), default=30.0, show_default=True,
+              help="On SIGTERM, seconds to finish the requests in flight.")
+@click.option("--cors-origin", multiple=True, help="Allow this browser origin (repeatable; default: no CORS).")
+@click.option("--max-body-bytes", type=click.IntRange(1, None), default=1 << 20, show_default=True,
+              help="Larger request bodies get 413.")
+def serve_cmd(artifact, host, port, model_name, api_key, api_key_file, cors_origin, **settings):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError as e:
+        raise GptexportError(f"gptrun serve needs the serve extra ({e.name} is missing): "
+                             "pip install 'gptexport[serve]'") from None
+    read_manifest(artifact, verify="size")  # a wrong directory fails here, in one line, before listening
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptexportError(f"cannot read --api-key-file {api_key_file}: {e}") from None
+        if not api_key:
+            raise GptexportError(f"--api-key-file {api_key_file} is empty")
+    if api_key is not None and not api_key.strip():
+        raise GptexportError("the API key is empty; pass a non-empty --api-key or none")
+    config = ServeConfig(artifact=str(artifact), model_name=model_name or Path(artifact).resolve().name,
+                         api_key=api_key, cors_origins=list(cors_origin), **settings)
+    try:
+        return serve(config, host, port)
+    except OSError as e:
+        raise GptexportError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 @cli.command("info")

@@ -368,15 +368,7 @@ class Model:
         logits = self.decoder.step(input_ids, mask, position_ids, cache)
         stats.prefill_s = time.perf_counter() - start
         for step in range(params.max_new_tokens):
-            active = np.array([not row.done for row in rows])
-            tokens = next_tokens(logits[:, -1, :], params, seen, step, eos, rng)
-            tokens = np.where(active, tokens, self.pad_token_id)  # (B,)
-            logprobs = _log_softmax_at(logits[:, -1, :], tokens)  # (B,)
-            for row, ids, token, live, logprob in zip(rows, seen, tokens.tolist(), active, logprobs.tolist()):
-                ids.append(token)
-                if live:
-                    row.logprobs.append(logprob)
-                    self._emit(row, token, stops, live_text, eos)
+            tokens = self._advance(rows, seen, logits[:, -1, :], params, step, stops, live_text, eos, rng)
             stats.new_tokens = step + 1
             stats.decode_s = time.perf_counter() - start - stats.prefill_s
             yield step
@@ -389,6 +381,25 @@ class Model:
         if not live_text:
             for row in rows:
                 row.text = self._decode([t for t in row.tokens if t != eos])
+
+    def _advance(self, rows: list, seen: list, logits: np.ndarray, params: SamplingParams, step: int, stops: list,
+                 live_text: bool, eos, rng) -> np.ndarray:
+        """One step of the loop, shared with the server's scheduler (runtime/scheduler.py): choose every row's
+        next token from its last position's logits (B, vocab), append it, and emit it into each live row.
+
+        Returns:
+            (B,) the ids fed to the next step (pad_token_id for rows that were already done).
+        """
+        active = np.array([not row.done for row in rows])
+        tokens = next_tokens(logits, params, seen, step, eos, rng)
+        tokens = np.where(active, tokens, self.pad_token_id)  # (B,)
+        logprobs = _log_softmax_at(logits, tokens)  # (B,)
+        for row, ids, token, live, logprob in zip(rows, seen, tokens.tolist(), active, logprobs.tolist()):
+            ids.append(token)
+            if live:
+                row.logprobs.append(logprob)
+                self._emit(row, token, stops, live_text, eos)
+        return tokens
 
     def _beam(self, rows: list, params: SamplingParams, num_beams: int, length_penalty: float, early_stopping,
               eos, stats: Stats) -> None:

@@ -1,0 +1,351 @@
+"""Continuous batching: one loop owns the KV slots and runs one decode step over every running sequence.
+
+```
+ submit ──▶ waiting (bounded) ──admit──▶ prefill into the lowest free slot ──▶ running ◀─┐
+                                                                                 │       │
+                                    one decode step over all running slots ─────┴───────┘
+                                    a finished / cancelled / timed-out sequence leaves at once; its slot is reused
+```
+
+Each sequence keeps its own settings (greedy or sampling, its own seeded RNG, stop strings, max_new_tokens) and
+goes through `Model._advance`, the very step `Model.generate` runs (one sampling, one stop-string implementation),
+so a request gives the tokens it gives alone through `runtime.generate` with the same seed.
+
+The loop runs in one thread; callers on other threads `submit`, `cancel` and read the gauges. Updates go back
+through each sequence's `on_update` callback, called on the loop's thread with an immutable `Update`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .model import Model, _Row
+from .sampling import SamplingParams
+
+log = logging.getLogger("gptexport.serve")
+_REPLACEMENT = "\ufffd"
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: try again later (HTTP 429)."""
+
+
+class NotAccepting(Exception):
+    """The scheduler is draining or stopped (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """A generated token as reported with logprobs: id, log-probability, top alternatives, offset in the text."""
+
+    id: int
+    logprob: float
+    top: tuple  # ((id, logprob), ...) best first
+    offset: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one loop step did for one sequence.
+
+    text: the new stable text since the previous update (never splits a character or shows a partial stop).
+    tokens: the `Token`s whose text is now sent (only when logprobs were asked for).
+    finish_reason: "stop" (eos or a stop string) or "length" once the sequence is done, else None.
+    error, error_kind: a failure ("server_error", "timeout", "shutdown") that ended the sequence.
+    generated: tokens generated so far (usage).
+    """
+
+    text: str = ""
+    tokens: tuple = ()
+    finish_reason: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    generated: int = 0
+    time: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Sequence:
+    """One sequence to generate (one choice of one prompt of a request).
+
+    Args:
+        prompt: the prompt's token ids (non-empty).
+        params: validated SamplingParams.
+        stops: stop strings (validated).
+        seed: seeds this sequence's own Generator (None: fresh entropy).
+        eos: the end-of-sequence id, or None.
+        top_logprobs: None for no logprobs; k >= 0 to report each token's logprob and its k best alternatives.
+        deadline: time.monotonic() after which the sequence fails as timed out (None: never).
+        on_update: called with each `Update`, on the scheduler's thread; must not block.
+    """
+
+    def __init__(self, prompt: list, params: SamplingParams, stops=(), seed=None, eos=None, top_logprobs=None,
+                 deadline=None, on_update=None):
+        self.row = _Row(prompt=list(prompt))
+        self.seen = list(prompt)  # the repetition penalty's view: prompt + generated
+        self.params, self.stops, self.eos = params, list(stops), eos
+        self.rng = np.random.default_rng(seed)
+        self.top_logprobs, self.deadline = top_logprobs, deadline
+        self.on_update = on_update or (lambda update: None)
+        self.abort = None  # a shutdown message: fail at the next step
+        self.fault = False  # tests: fail this sequence at its second token (GPTEXPORT_SERVE_FAULT)
+        self.cancelled = self.finished = False
+        self.slot = None
+        self.generated = 0
+        self.emitted = ""  # text already sent
+        self.pending: list = []  # (id, logprob, top) of tokens whose text is not sent yet
+        self.start_offset = 0  # text offset where the first pending token starts
+        self.submitted = self.admitted = self.first_token = self.last_token = None
+
+
+class Scheduler:
+    """Owns the slots and runs the continuous-batching loop in a thread.
+
+    Args:
+        model: the loaded Model (its tokenizer, eos and `_advance` step).
+        cache: a slot cache from runtime/slots.py (`SlotCache` or `ConcatSlots`).
+        max_queue: sequences that may wait for a slot beyond the free ones.
+        observer: optional object with `admitted(queue_s)`, `token(first, seconds)` (first: from submission)
+            and `step(running)` (sequences in each decode step).
+        step_delay: tests only: sleep this long before each decode step, so that requests are reliably in
+            flight when a test disconnects, overloads or stops the server.
+    """
+
+    def __init__(self, model: Model, cache, max_queue: int, observer=None, step_delay: float = 0.0):
+        self.model, self.cache, self.max_queue, self.observer = model, cache, max_queue, observer
+        self.step_delay = step_delay  # tests: seconds slept per decode step (GPTEXPORT_SERVE_STEP_DELAY)
+        self._free = list(range(cache.slots))  # a heap: the lowest free slot first
+        self._waiting: deque = deque()
+        self._running: dict = {}  # slot -> Sequence
+        self._cond = threading.Condition()
+        self._accepting, self._stopping = True, False
+        self._thread = threading.Thread(target=self._loop, name="gptexport-scheduler", daemon=True)
+        self.steps = 0
+
+    # -- callers' side ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def idle(self) -> bool:
+        """No sequence is waiting or running."""
+        with self._cond:
+            return not self._waiting and not self._running
+
+    def submit(self, seqs: list) -> None:
+        """Queue the sequences of one request, all or none.
+
+        Raises:
+            Overloaded: they do not fit in the free slots plus the queue.
+            NotAccepting: the scheduler is draining or stopped.
+        """
+        now = time.perf_counter()
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting("the server is shutting down")
+            if len(self._waiting) + len(seqs) > self.max_queue + len(self._free):
+                raise Overloaded(f"the server is at capacity ({len(self._running)} running, "
+                                 f"{len(self._waiting)} waiting, queue limit {self.max_queue})")
+            for seq in seqs:
+                seq.submitted = now
+                self._waiting.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seqs: list) -> None:
+        """Cancel sequences (a client went away): a waiting one is dropped now, a running one leaves at the next
+        step and its slot is freed. Finished ones are left alone."""
+        with self._cond:
+            for seq in seqs:
+                if seq.finished:
+                    continue
+                seq.cancelled = True
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+                    seq.finished = True
+            self._cond.notify()
+
+    def stop_accepting(self) -> None:
+        """Refuse new submissions (draining); what is queued or running goes on."""
+        with self._cond:
+            self._accepting = False
+
+    def abort_all(self, message: str) -> None:
+        """Fail every waiting and running sequence with `message` (kind "shutdown") at the next step."""
+        with self._cond:
+            for seq in list(self._waiting) + list(self._running.values()):
+                seq.abort = message
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread (after `abort_all`, or when idle)."""
+        with self._cond:
+            self._accepting, self._stopping = False, True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._reap()
+                admitted = []
+                while self._waiting and self._free:
+                    seq = self._waiting.popleft()
+                    seq.slot = heapq.heappop(self._free)
+                    self._running[seq.slot] = seq
+                    admitted.append(seq)
+            for seq in admitted:
+                self._prefill(seq)
+            if self._running:
+                self._decode()
+
+    def _reap(self) -> None:
+        """(locked) Remove cancelled, timed-out and aborted sequences, waiting or running."""
+        now = time.monotonic()
+        for seq in list(self._waiting) + list(self._running.values()):
+            if seq.cancelled:
+                self._finish(seq, None)
+            elif seq.abort:
+                self._finish(seq, Update(error=seq.abort, error_kind="shutdown", generated=seq.generated))
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(seq, Update(error="request timed out", error_kind="timeout", generated=seq.generated))
+
+    def _finish(self, seq: Sequence, update: Update | None) -> None:
+        """Take a sequence out (waiting or running), free its slot, send its last update."""
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq.slot is not None and self._running.get(seq.slot) is seq:
+            del self._running[seq.slot]
+            self.cache.release(seq.slot)
+            heapq.heappush(self._free, seq.slot)
+        seq.finished = True
+        if update is not None:
+            self._send(seq, update)
+
+    def _prefill(self, seq: Sequence) -> None:
+        seq.admitted = time.perf_counter()
+        if self.observer:
+            self.observer.admitted(seq.admitted - seq.submitted)
+        try:
+            self._advance(seq, self.cache.prefill(seq.slot, seq.row.prompt))
+        except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
+            self._fail(seq, e)
+
+    def _decode(self) -> None:
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        seqs = list(self._running.values())
+        slots, tokens = [s.slot for s in seqs], [s.seen[-1] for s in seqs]
+        rows = None  # ConcatSlots steps each slot alone anyway: a failure then touches one sequence only
+        if self.cache.preallocated:
+            try:
+                rows = self.cache.decode(slots, tokens)
+            except Exception:  # noqa: BLE001 - find the failing sequence: step each alone (lengths unchanged)
+                rows = None
+        self.steps += 1
+        if self.observer:
+            self.observer.step(len(seqs))
+        for i, seq in enumerate(seqs):
+            try:
+                logits = rows[i] if rows is not None else self.cache.decode([seq.slot], [tokens[i]])[0]
+                self._advance(seq, logits)
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e)
+
+    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Choose, emit and report one token of `seq` from its logits (vocab,)."""
+        if seq.fault and seq.generated >= 1:
+            raise RuntimeError("injected fault (GPTEXPORT_SERVE_FAULT)")
+        logits = logits[None, :]  # (1, vocab)
+        self.model._advance([seq.row], [seq.seen], logits, seq.params, seq.generated, seq.stops, True, seq.eos,
+                            seq.rng)
+        seq.generated += 1
+        now = time.perf_counter()
+        if self.observer:
+            first = seq.first_token is None  # time to first token counts from submission (queue included)
+            self.observer.token(first, now - (seq.submitted if first else seq.last_token))
+        seq.first_token = seq.first_token or now
+        seq.last_token = now
+        if seq.top_logprobs is not None:
+            seq.pending.append((seq.row.tokens[-1], seq.row.logprobs[-1], _top(logits[0], seq.top_logprobs)))
+        done = seq.row.done or seq.generated >= seq.params.max_new_tokens
+        text = seq.row.text if done else Model._stable(seq.row.text, seq.stops)
+        if not text.startswith(seq.emitted):  # cannot happen (appending tokens only appends text); be safe
+            text = seq.emitted
+        reason = ("stop" if seq.row.done else "length") if done else None
+        update = Update(text=text[len(seq.emitted):], tokens=self._report(seq, len(text), done),
+                        finish_reason=reason, generated=seq.generated, time=now)
+        seq.emitted = text
+        if done:
+            with self._cond:
+                self._finish(seq, update)
+        else:
+            self._send(seq, update)
+
+    def _report(self, seq: Sequence, sent: int, done: bool) -> tuple:
+        """The pending logprob tokens whose text is within the first `sent` characters (at the end: every token
+        that contributes to the text, or all of them when no stop string cut it)."""
+        if seq.top_logprobs is None:
+            return ()
+        out, base = [], len(seq.row.tokens) - len(seq.pending)
+        cut = done and seq.row.done and seq.row.tokens[-1] != seq.eos  # a stop string ended it
+        while seq.pending:
+            end = len(self.model._decode(seq.row.tokens[:base + len(out) + 1]).rstrip(_REPLACEMENT))
+            if not done and end > sent or (cut and seq.start_offset >= sent):
+                break
+            token, logprob, top = seq.pending.pop(0)
+            out.append(Token(int(token), float(logprob), top, seq.start_offset))
+            seq.start_offset = max(seq.start_offset, end)
+        if done:
+            seq.pending.clear()
+        return tuple(out)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        log.error("sequence failed: %s: %s", type(error).__name__, error, exc_info=error)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        update = Update(error=f"internal error while generating: {type(error).__name__}: {first}"[:500],
+                        error_kind="server_error", generated=seq.generated)
+        with self._cond:
+            self._finish(seq, update)
+
+    def _send(self, seq: Sequence, update: Update) -> None:
+        try:
+            seq.on_update(update)
+        except Exception:  # noqa: BLE001 - a broken listener must not stop the loop
+            log.exception("update listener failed")
+
+
+def _top(logits: np.ndarray, k: int) -> tuple:
+    """The k most likely tokens and their log-probabilities (log-softmax of the raw logits), best first."""
+    if k <= 0:
+        return ()
+    x = logits.astype(np.float64)
+    k = min(k, len(x))
+    ids = np.argpartition(-x, k - 1)[:k]
+    ids = ids[np.argsort(-x[ids], kind="stable")]
+    norm = x.max() + np.log(np.exp(x - x.max()).sum())
+    return tuple((int(i), float(x[i] - norm)) for i in ids)
