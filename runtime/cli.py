@@ -87,7 +87,7 @@ def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, s
               help="Require 'Authorization: Bearer KEY' on /v1 (or set GPTEXPORT_API_KEY, or --api-key-file).")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the key from this file.")
 @click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime threads (default: one per core).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime threads (default: the usable cores).")
 @click.option("--request-timeout", type=click.FloatRange(0, None, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may take, queue included.")
 @click.option("--drain-timeout", type=click.FloatRange(0, None), default=30.0, show_default=True,
@@ -102,7 +102,7 @@ def serve_cmd(artifact, host, port, model_name, api_key, api_key_file, cors_orig
     except ImportError as e:
         raise GptexportError(f"gptrun serve needs the serve extra ({e.name} is missing): "
                              "pip install 'gptexport[serve]'") from None
-    read_manifest(artifact, verify="size")  # a wrong directory fails here, in one line, before listening
+    load_manifest(artifact, verify="size")  # a wrong directory fails here, in one line, before listening
     if api_key_file is not None:
         try:
             api_key = api_key_file.read_text().strip()

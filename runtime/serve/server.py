@@ -107,7 +107,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> int
         _say(f"ready at {url} (model {config.model_name!r}: {model.manifest['model'].get('architecture')} "
              f"{model.manifest['dtype']}, {service.kv_note}; {service.slots} slots x {service.context} positions, "
              f"KV cache {mib:.1f} MiB {how}; queue {config.max_queue}; "
-             f"{config.threads or 'one per core'} threads)")
+             f"{config.threads or 'usable cores'} threads)")
 
     threading.Thread(target=load, name="gptexport-load", daemon=True).start()
     server.run(sockets=[sock])

@@ -19,12 +19,22 @@ NAME = "tiny"
 PROMPTS = ["Hello, my name is", "Once upon a time", "The quick brown fox jumps over", "x", "é à ü 漢字 🙂"]
 
 
-@pytest.fixture(scope="module", params=["gpt2", "gptj-partial-rotary"])
-def served(request, serve_artifacts, start_server):
-    """(server, in-process Model) on the tiny shared_buffer artifact; 4 slots, so requests queue and join."""
-    _, shared = serve_artifacts(request.param)
+def _serve(serve_artifacts, start_server, name):
+    _, shared = serve_artifacts(name)
     server = start_server(shared, "--max-batch", 4, "--max-queue", 64, "--model-name", NAME)
     return server, runtime.load(shared)
+
+
+@pytest.fixture(scope="module")
+def served(serve_artifacts, start_server):
+    """(server, in-process Model) on the tiny GPT-2 shared_buffer artifact; 4 slots, so requests queue and join."""
+    return _serve(serve_artifacts, start_server, "gpt2")
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gptj-partial-rotary"])
+def served_any(request, serve_artifacts, start_server, served):
+    """As `served`, for each architecture (GPT-J's rotary and untied head go through the same scheduler)."""
+    return served if request.param == "gpt2" else _serve(serve_artifacts, start_server, request.param)
 
 
 def client(server, **kwargs) -> openai.OpenAI:
@@ -70,8 +80,8 @@ def _create(api: openai.OpenAI, case: dict, **kwargs):
     return api.completions.create(model=NAME, extra_body=extra or None, **standard, **kwargs)
 
 
-def test_concurrent_mixed_requests_give_what_each_gives_alone(served):
-    server, model = served
+def test_concurrent_mixed_requests_give_what_each_gives_alone(served_any):
+    server, model = served_any
     api, cases = client(server), _cases()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda case: _create(api, case), cases))
@@ -87,8 +97,8 @@ def test_concurrent_mixed_requests_give_what_each_gives_alone(served):
     assert "gptexport_batch_occupancy_bucket" in metrics
 
 
-def test_streams_concurrently_give_the_pieces_of_model_stream(served):
-    server, model = served
+def test_streams_concurrently_give_the_pieces_of_model_stream(served_any):
+    server, model = served_any
     api, cases = client(server), _cases()[:8]
 
     def stream(case):

@@ -1,0 +1,252 @@
+"""`gptrun serve` under concurrent streaming clients, against one-at-a-time serving and llama.cpp's llama-server.
+
+Starts each server on GPT-2 124M (random weights; fp32 and int8), drives it over 127.0.0.1 with httpx at 1, 4,
+16 and 64 concurrent streaming clients (a bounded number of requests each: a 32-token prompt given as token
+ids, 32 generated tokens), and prints one table: aggregate generated tok/s, p50/p95 time to first token, p50/p95
+inter-token latency, requests refused with 429 and how fast. Rows:
+
+  gptexport      --max-batch 16 --max-queue 32 (continuous batching; at 64 clients the excess gets 429)
+  one-at-a-time  --max-batch 1 --max-queue 64 (batching off: the same server, one sequence at a time)
+  llama-server   -np 16 (continuous batching) on a GGUF conversion of the same checkpoint (f32 / q8_0)
+
+    python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--precisions fp32 int8] [--clients 1 4 16 64]
+
+--llama-dir is a llama.cpp source tree (e.g. the one vendored in the llama-cpp-python sdist) built with
+`cmake -B build && cmake --build build --target llama-server llama-quantize`; without it the peer rows are
+skipped with the reason. Timings are client-side: the client shares the machine's cores with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS, NEW_TOKENS = 32, 32
+
+
+def percentile(values: list, q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- artifacts ---------------------------------------------------------------------------------------------------
+
+def checkpoint(work: Path) -> Path:
+    """GPT-2 124M with seeded random weights as a local HF checkpoint (both servers load these weights)."""
+    ckpt = work / "gpt2-random"
+    if not (ckpt / "config.json").exists():
+        code = ("import torch, transformers, sys; torch.manual_seed(0);"
+                "m = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval(); m.save_pretrained(sys.argv[1]);"
+                "from gptexport.exporter.tokenizer import gpt2_tokenizer; from pathlib import Path;"
+                "gpt2_tokenizer(50257).save(str(Path(sys.argv[1]) / 'tokenizer.json'))")
+        subprocess.run([sys.executable, "-c", code, str(ckpt)], check=True)
+        config = json.loads((ckpt / "config.json").read_text())
+        config.setdefault("n_ctx", config.get("n_positions", 1024))  # llama.cpp's converter reads n_ctx
+        (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+    return ckpt
+
+
+def artifact(work: Path, ckpt: Path, precision: str) -> Path:
+    out = work / f"gpt2-{precision}-inplace"
+    if not (out / "manifest.json").exists():
+        flags = {"fp32": [], "int8": ["--int8"]}[precision]
+        subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(ckpt), "-o", str(out), "--force",
+                        "--kv-layout", "shared_buffer", *flags], check=True)
+    return out
+
+
+def gguf(work: Path, ckpt: Path, llama: Path, precision: str) -> Path:
+    f32 = work / "gpt2-f32.gguf"
+    if not f32.exists():
+        env = {**os.environ, "PYTHONPATH": str(llama / "gguf-py")}
+        subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32",
+                        "--outfile", str(f32)], check=True, env=env)
+    if precision == "fp32":
+        return f32
+    q8 = work / "gpt2-q8_0.gguf"
+    if not q8.exists():
+        subprocess.run([str(_binary(llama, "llama-quantize")), str(f32), str(q8), "q8_0"], check=True)
+    return q8
+
+
+def _binary(llama: Path, name: str) -> Path:
+    for candidate in (llama / "build" / "bin" / name, llama / "build" / name):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{name} is not built under {llama}/build")
+
+
+# -- servers -----------------------------------------------------------------------------------------------------
+
+class Served:
+    def __init__(self, cmd: list, url: str, ready: str, model: str, extra: dict):
+        self.cmd, self.url, self.model, self.extra = cmd, url, model, extra
+        self.log = open(os.devnull, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + ready, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited: {self.proc.stdout.read()[-2000:]}")
+            time.sleep(0.5)
+        raise RuntimeError(f"{cmd} not ready")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def gptexport_server(art: Path, max_batch: int, max_queue: int, threads: int) -> Served:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gptexport.runtime.cli", "serve", str(art), "--port", str(port), "--model-name",
+           "gpt2", "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--context",
+           str(PROMPT_TOKENS + NEW_TOKENS), "--threads", str(threads)]
+    return Served(cmd, f"http://127.0.0.1:{port}", "/health", "gpt2", {"min_tokens": NEW_TOKENS})
+
+
+def llama_server(llama: Path, model: Path, parallel: int, threads: int) -> Served:
+    port = free_port()
+    cmd = [str(_binary(llama, "llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(parallel), "-c", str(parallel * (PROMPT_TOKENS + NEW_TOKENS)), "-t", str(threads),
+           "-tb", str(threads), "--no-webui", "-a", "gpt2"]
+    return Served(cmd, f"http://127.0.0.1:{port}", "/health", "gpt2", {"ignore_eos": True})
+
+
+# -- clients -----------------------------------------------------------------------------------------------------
+
+async def one_request(http: httpx.AsyncClient, served: Served, prompt: list, out: dict) -> None:
+    body = {"model": served.model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+            **served.extra}
+    start = time.perf_counter()
+    times = []
+    async with http.stream("POST", served.url + "/v1/completions", json=body) as response:
+        if response.status_code == 429:
+            out["refused"].append(time.perf_counter() - start)
+            await response.aread()
+            return
+        if response.status_code != 200:
+            out["errors"].append(response.status_code)
+            await response.aread()
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    if not times:
+        out["errors"].append("no tokens")
+        return
+    out["ttft"].append(times[0] - start)
+    out["itl"].extend(b - a for a, b in zip(times, times[1:]))
+    out["tokens"] += len(times)
+    out["done"] += 1
+
+
+async def drive(served: Served, prompt: list, clients: int, per_client: int) -> dict:
+    out = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "refused": [], "errors": []}
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        async def client():
+            for _ in range(per_client):
+                await one_request(http, served, prompt, out)
+
+        await one_request(http, served, prompt, {"ttft": [], "itl": [], "tokens": 0, "done": 0, "refused": [],
+                                                 "errors": []})  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        out["wall"] = time.perf_counter() - start
+    return out
+
+
+def row(name: str, precision: str, clients: int, out: dict) -> str:
+    ms = lambda v: f"{v * 1000:7.1f}"  # noqa: E731
+    refused = out["refused"]
+    return (f"| {name:<13} | {precision:<5} | {clients:>3} | {out['done']:>4} | {out['tokens'] / out['wall']:7.1f} | "
+            f"{ms(percentile(out['ttft'], .5))} | {ms(percentile(out['ttft'], .95))} | "
+            f"{ms(percentile(out['itl'], .5))} | {ms(percentile(out['itl'], .95))} | {len(refused):>4} | "
+            f"{ms(max(refused)) if refused else '      -'} | {len(out['errors']):>3} |")
+
+
+HEADER = ("| server        | prec  |  c  | done |  tok/s  | TTFT p50| TTFT p95| ITL p50 | ITL p95 | 429s | 429 max | err |\n"
+          "|---------------|-------|-----|------|---------|---------|---------|---------|---------|------|---------|-----|")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/serve-bench"))
+    parser.add_argument("--llama-dir", type=Path, default=None)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--servers", nargs="+", default=["gptexport", "one-at-a-time", "llama-server"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt = checkpoint(args.work)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    text = Path(os.__file__).read_text()[:4000]
+    prompt = tokenizer.encode(text).ids[:PROMPT_TOKENS]  # real text: the opening of the stdlib's os.py
+    lines = [HEADER]
+    print(HEADER, flush=True)
+    for precision in args.precisions:
+        art = artifact(args.work, ckpt, precision)
+        for name in args.servers:
+            try:
+                if name == "gptexport":
+                    served = gptexport_server(art, 16, 32, args.threads)
+                elif name == "one-at-a-time":
+                    served = gptexport_server(art, 1, 64, args.threads)
+                else:
+                    if args.llama_dir is None:
+                        print(f"| llama-server  | {precision} | skipped: no --llama-dir given |", flush=True)
+                        continue
+                    served = llama_server(args.llama_dir, gguf(args.work, ckpt, args.llama_dir, precision), 16,
+                                          args.threads)
+            except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+                print(f"| {name} | {precision} | could not start: {str(e)[:200]} |", flush=True)
+                continue
+            try:
+                for clients in args.clients:
+                    per_client = 1 if clients >= 64 else max(2, 8 // clients)
+                    out = asyncio.run(drive(served, prompt, clients, per_client))
+                    line = row(name, precision, clients, out)
+                    lines.append(line)
+                    print(line, flush=True)
+            finally:
+                served.stop()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The scheduler in-process, on both caches: the in-place SlotCache and the slower ConcatSlots path.
+
+Sequences join and leave a running batch; each gives what runtime.generate gives alone; cancelled sequences
+free their slot; slots are reused; memory is what cache_bytes says.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from gptexport import runtime
+from gptexport.runtime.sampling import SamplingParams
+from gptexport.runtime.scheduler import Overloaded, Scheduler, Sequence
+from gptexport.runtime.slots import ConcatSlots, SlotCache, cache_bytes, make_slots
+
+PROMPTS = ["Hello there", "Once upon a time in a land", "x", "The quick brown fox jumps"]
+
+
+@pytest.fixture(scope="module", params=["shared", "concat"])
+def model(request, serve_artifacts):
+    concat, shared = serve_artifacts("gpt2")
+    return runtime.load(shared if request.param == "shared" else concat)
+
+
+def _run(scheduler, model, cases):
+    results, done = [None] * len(cases), threading.Semaphore(0)
+    seqs = []
+    for i, (prompt, kwargs) in enumerate(cases):
+        params = SamplingParams.create(kwargs["max_new_tokens"], 0, kwargs.get("do_sample", False),
+                                       kwargs.get("temperature", 1.0), kwargs.get("top_k", 0))
+        pieces = []
+
+        def on_update(update, pieces=pieces, i=i):
+            pieces.append(update)
+            if update.final:
+                results[i] = ("".join(u.text for u in pieces), update.finish_reason, update.error)
+                done.release()
+
+        seqs.append(Sequence(model.tokenizer.encode(prompt).ids, params, kwargs.get("stop", []),
+                             kwargs.get("seed"), model.eos_token_id, on_update=on_update))
+    for seq in seqs:  # one by one: later ones join a running batch
+        scheduler.submit([seq])
+    for _ in cases:
+        assert done.acquire(timeout=60)
+    return results
+
+
+def test_joining_and_leaving_sequences_each_give_what_they_give_alone(model):
+    assert isinstance(make_slots(model.decoder, 3, 64), SlotCache if model.decoder.shared else ConcatSlots)
+    scheduler = Scheduler(model, make_slots(model.decoder, 3, 64), max_queue=32)
+    scheduler.start()
+    rng = np.random.default_rng(1)
+    cases = []
+    for i in range(10):
+        kwargs = {"max_new_tokens": int(rng.integers(2, 20)), "do_sample": bool(i % 2), "temperature": 1.2,
+                  "seed": i, "top_k": 10 * (i % 3)}
+        if i % 4 == 0:
+            kwargs["stop"] = ["e"]
+        cases.append((PROMPTS[i % 4], kwargs))
+    try:
+        results = _run(scheduler, model, cases)
+    finally:
+        scheduler.close()
+    for (prompt, kwargs), (text, reason, error) in zip(cases, results):
+        assert error is None and text == model.generate(prompt, **kwargs), (prompt, kwargs)
+        assert reason in ("stop", "length")
+    assert scheduler.steps < sum(k["max_new_tokens"] for _, k in cases)  # sequences really shared steps
+
+
+def test_cancel_frees_the_slot_and_the_queue_is_bounded(model):
+    scheduler = Scheduler(model, make_slots(model.decoder, 1, 64), max_queue=1, step_delay=0.02)
+    scheduler.start()
+    params = SamplingParams.create(50, 50)
+    started = threading.Event()
+    running = Sequence([15496], params, on_update=lambda u: started.set())
+    waiting = Sequence([15496], params)
+    try:
+        scheduler.submit([running])
+        scheduler.submit([waiting])
+        with pytest.raises(Overloaded):
+            scheduler.submit([Sequence([15496], params)])
+        assert started.wait(30)
+        scheduler.cancel([running, waiting])
+        for _ in range(200):
+            if scheduler.idle():
+                break
+            threading.Event().wait(0.01)
+        assert scheduler.idle() and scheduler.running == 0 and scheduler.queue_depth == 0
+        assert _run(scheduler, model, [("x", {"max_new_tokens": 3})])[0][0] == model.generate("x", max_new_tokens=3)
+    finally:
+        scheduler.close()
+
+
+def test_the_cache_is_allocated_at_start_and_sized_from_slots_and_context(serve_artifacts):
+    _, shared = serve_artifacts("gpt2")
+    decoder = runtime.load(shared).decoder
+    cache = SlotCache(decoder, 4, 32)
+    config = runtime.load(shared).manifest["config"]
+    per_row = 2 * config["num_layers"] * config["num_heads"] * 32 * config["head_size"] * 4  # fp32 K and V
+    assert cache.nbytes == cache_bytes(decoder, 4, 32) == 4 * per_row
+    assert sum(b.nbytes for b in cache._keep.values()) == cache.nbytes
