@@ -1,6 +1,6 @@
 """`gptrun serve`: an OpenAI-compatible HTTP server over the continuous-batching scheduler.
 
-Needs the `serve` extra (`pip install "gptexport[serve]"`: starlette, uvicorn, prometheus-client, onnx-ir); the
+Needs the `serve` extra (`pip install "gptexport[serve]"`: starlette, uvicorn, prometheus-client); the
 rest of the runtime does not import this package.
 """
 

@@ -15,7 +15,7 @@ from serve_helpers import Server, launch, wait_ready  # noqa: E402
 @pytest.fixture(scope="session")
 def serve_artifacts(tiny_export, tmp_path_factory):
     """name -> (concat artifact, shared_buffer artifact) of a tiny checkpoint."""
-    from gptexport.graphs.shared_kv import write_artifact
+    from gptexport.exporter.artifact import convert_to_shared_buffer
 
     made = {}
 
@@ -23,7 +23,7 @@ def serve_artifacts(tiny_export, tmp_path_factory):
         if name not in made:
             _, artifact, _ = tiny_export(name)
             target = tmp_path_factory.mktemp(f"{name}-serve") / "artifact"
-            write_artifact(artifact, target)
+            convert_to_shared_buffer(artifact, target)
             made[name] = (artifact, target)
         return made[name]
 
@@ -32,11 +32,11 @@ def serve_artifacts(tiny_export, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def start_server():
-    """start(artifact, *args, env=None, convert=False) -> Server; all are stopped at the end of the session."""
+    """start(artifact, *args, env=None) -> Server; all are stopped at the end of the session."""
     servers = []
 
-    def start(artifact, *args, env=None, convert=False) -> Server:
-        server = wait_ready(launch(artifact, *args, env=env, convert=convert))
+    def start(artifact, *args, env=None) -> Server:
+        server = wait_ready(launch(artifact, *args, env=env))
         servers.append(server)
         return server
 

@@ -1,7 +1,7 @@
 """Run the real server in a subprocess on a free port of 127.0.0.1 for the tests.
 
 `launch(artifact, *args, env=...)` runs `gptrun serve ARTIFACT --port 0`, under a launcher that makes torch,
-transformers and the exporter unimportable (and onnx / onnx-ir / graphs too unless `convert=True`), and `wait_ready`
+transformers, onnx, onnx-ir, graphs/ and the exporter unimportable, and `wait_ready`
 waits for its "ready at URL" line and returns a `Server` handle.
 """
 
@@ -18,8 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"ready at (http://127\.0\.0\.1:\d+)")
-BLOCK_ALWAYS = ("torch", "transformers", "gptexport.exporter")
-BLOCK_CONVERT = ("onnx", "onnx_ir", "onnxscript", "gptexport.graphs")
+BLOCKED = ("torch", "transformers", "gptexport.exporter", "onnx", "onnx_ir", "onnxscript", "gptexport.graphs")
 LAUNCHER = """
 import sys
 BLOCKED = {blocked!r}
@@ -61,11 +60,10 @@ def _pump(stream, lines: list) -> None:
         lines.append(line)
 
 
-def launch(artifact, *args, env=None, convert=False) -> subprocess.Popen:
+def launch(artifact, *args, env=None) -> subprocess.Popen:
     """Start `gptrun serve` (not waiting for it); stdout and stderr merged, as text."""
-    blocked = BLOCK_ALWAYS + (() if convert else BLOCK_CONVERT)
     full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, "-c", LAUNCHER.format(blocked=blocked), "serve", str(artifact),
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER.format(blocked=BLOCKED), "serve", str(artifact),
                              "--port", "0", *map(str, args)], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
 

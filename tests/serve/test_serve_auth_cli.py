@@ -1,10 +1,11 @@
-"""Auth (key from a file or the environment, constant-time compare), a concat artifact converted at load, and
+"""Auth (key from a file or the environment, constant-time compare), a concat artifact on the slower path, and
 `gptrun serve`'s bad input (one line, exit 2)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -42,13 +43,17 @@ def test_a_key_from_the_environment_and_no_cors_by_default(serve_artifacts, star
     assert httpx.get(server.url + "/v1/models").status_code == 401
 
 
-def test_a_concat_artifact_is_converted_at_load_and_gives_the_same_tokens(serve_artifacts, start_server):
+def test_a_concat_artifact_is_served_on_the_slower_path_with_the_same_tokens(serve_artifacts, start_server):
     concat, _ = serve_artifacts("gpt2")
-    server = start_server(concat, "--model-name", "tiny", convert=True)
-    assert "converted from concat" in server.output()
+    server = start_server(concat, "--model-name", "tiny", "--max-batch", 3)
+    assert "kv concat: slower path" in server.output()
     api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    got = api.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
-    assert got.choices[0].text == runtime.generate(concat, "Once upon a time", max_new_tokens=12)
+    prompts = ["Once upon a time", "Hello", "The quick brown fox"]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda p: api.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0.9,
+                                                             seed=5).choices[0].text, prompts))
+    assert got == [runtime.generate(concat, p, max_new_tokens=12, do_sample=True, temperature=0.9, seed=5)
+                   for p in prompts]
 
 
 @pytest.mark.parametrize("args,words", [
