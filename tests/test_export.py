@@ -13,6 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from gptexport import runtime
+from gptexport.exporter.artifact import ECOSYSTEM_FILES
 from gptexport.exporter.presets import ARCHITECTURES
 from gptexport.exporter.trace import input_names
 
@@ -39,7 +40,7 @@ def test_export_validates_against_torch(tiny_export, name):
     assert v["logits_max_abs_diff"] <= FP32_LOGITS_ATOL, f"logits: worst |diff| {v['logits_max_abs_diff']}"
     assert v["greedy_agreement_strict"] == 1.0
     assert any(case["batch"] > 1 for case in v["greedy_cases"]), "validation must include a padded batch"
-    assert sorted(manifest["files"]) == ["model.onnx", "tokenizer.json"]
+    assert sorted(manifest["files"]) == sorted(["model.onnx", "tokenizer.json", *ECOSYSTEM_FILES])
     on_disk = json.loads((artifact / "manifest.json").read_text())
     assert on_disk == manifest
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from gptexport.exporter.artifact import ECOSYSTEM_FILES
 from gptexport.exporter.build import ExportOptions, export
 from gptexport.exporter.presets import PRESETS, ExportError
+
+ARTIFACT_FILES = ("tokenizer.json", *ECOSYSTEM_FILES)  # beside model.onnx[.data] and manifest.json
 
 
 def gptexport(*args, cwd=None):
@@ -100,10 +103,10 @@ def test_force_replaces_and_external_data_threshold(tmp_path):
     out.mkdir()
     result = export(ExportOptions(model=str(ckpt), output=str(out), force=True, external_data_threshold=0))
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json"]
+    assert files == sorted(["manifest.json", "model.onnx", "model.onnx.data", *ARTIFACT_FILES])
     assert 10 * (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
     assert result.manifest["validation"]["passed"]
-    assert set(result.manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert set(result.manifest["files"]) == {"model.onnx", "model.onnx.data", *ARTIFACT_FILES}
     assert runtime.load(str(out)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -175,6 +178,6 @@ def test_force_replaces_an_artifact_but_not_the_files_a_user_added_to_it(tmp_pat
     (out / "notes.txt").unlink()
     (out / "model.onnx").write_bytes(b"damaged")  # a broken artifact of ours is still ours to replace
     second = export(ExportOptions(model=str(ckpt), output=str(out), validate=False, force=True))
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "model.onnx", *ARTIFACT_FILES])
     assert second.manifest["files"]["model.onnx"] == first.manifest["files"]["model.onnx"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gptexport.exporter import stream
+from gptexport.exporter.artifact import ECOSYSTEM_FILES
 from gptexport.exporter.build import ExportOptions, export
 from gptexport.exporter.validate import logits_check
 from gptexport.graphs.precision import LOGITS_ATOL
@@ -105,8 +106,8 @@ def test_streamed_external_data_threshold_cli(checkpoints, tmp_path):
                            "--stream", "--fp16", "--external-data-threshold", "0"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data",
-                                                    "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "model.onnx", "model.onnx.data",
+                                                           "tokenizer.json", *ECOSYSTEM_FILES])
     assert 10 * (out / "model.onnx").stat().st_size < (out / "model.onnx.data").stat().st_size
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["streamed"]
