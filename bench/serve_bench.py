@@ -10,6 +10,7 @@ inter-token latency, requests refused with 429 and how fast. Rows:
   llama-server   -np 16 (continuous batching) on a GGUF conversion of the same checkpoint (f32 / q8_0)
 
     python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--precisions fp32 int8] [--clients 1 4 16 64]
+                                [--new-tokens 32] [--requests-per-client N] [--baseline-clients 1 4 16]
 
 --llama-dir is a llama.cpp source tree (e.g. the one vendored in the llama-cpp-python sdist) built with
 `cmake -B build && cmake --build build --target llama-server llama-quantize`; without it the peer rows are
@@ -34,7 +35,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT_TOKENS, NEW_TOKENS = 32, 32
+PROMPT_TOKENS = 32
+NEW_TOKENS = 32  # --new-tokens
 
 
 def percentile(values: list, q: float) -> float:
@@ -202,6 +204,7 @@ HEADER = ("| server        | prec  |  c  | done |  tok/s  | TTFT p50| TTFT p95| 
 
 
 def main() -> None:
+    global NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/serve-bench"))
     parser.add_argument("--llama-dir", type=Path, default=None)
@@ -209,7 +212,13 @@ def main() -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", default=["gptexport", "one-at-a-time", "llama-server"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--requests-per-client", type=int, default=None,
+                        help="default: 2 (8 at 1 client), 1 at 64 clients")
+    parser.add_argument("--baseline-clients", nargs="+", type=int, default=None,
+                        help="client counts for the one-at-a-time rows (default: --clients)")
     args = parser.parse_args()
+    NEW_TOKENS = args.new_tokens
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint(args.work)
     from tokenizers import Tokenizer
@@ -237,8 +246,9 @@ def main() -> None:
                 print(f"| {name} | {precision} | could not start: {str(e)[:200]} |", flush=True)
                 continue
             try:
-                for clients in args.clients:
-                    per_client = 1 if clients >= 64 else max(2, 8 // clients)
+                counts = args.baseline_clients if name == "one-at-a-time" and args.baseline_clients else args.clients
+                for clients in counts:
+                    per_client = args.requests_per_client or (1 if clients >= 64 else max(2, 8 // clients))
                     out = asyncio.run(drive(served, prompt, clients, per_client))
                     line = row(name, precision, clients, out)
                     lines.append(line)

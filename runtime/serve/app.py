@@ -188,8 +188,12 @@ class _Completion:
         self.started = time.perf_counter()
         self.first_token = None
         model = service.model
-        params = SamplingParams.create(req.max_tokens, req.min_tokens, req.temperature > 0, req.temperature,
-                                       req.top_k, req.top_p, req.repetition_penalty)
+        # a setting the request leaves out is the artifact's generation default, resolved as runtime.generate does
+        setting = {name: model._default(name, getattr(req, name))
+                   for name in ("temperature", "top_k", "top_p", "repetition_penalty")}
+        params = SamplingParams.create(req.max_tokens, req.min_tokens, setting["temperature"] > 0,
+                                       setting["temperature"], setting["top_k"], setting["top_p"],
+                                       setting["repetition_penalty"])
         deadline = time.monotonic() + service.config.request_timeout
         fault = os.environ.get(FAULT_ENV)
         self.choices = []

@@ -64,10 +64,10 @@ class CompletionRequest:
 
     prompts: list  # of str or of list[int]
     max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    temperature: float | None = None  # None: the artifact's generation default (as runtime.generate)
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     n: int = 1
     stream: bool = False
@@ -109,12 +109,12 @@ def parse_completion(body, model_name: str) -> CompletionRequest:
     req = CompletionRequest(prompts=_prompts(body.get("prompt")))
     req.max_tokens = _get(body, "max_tokens", lambda v: _is_int(v) and v >= 1, "an integer >= 1",
                           DEFAULT_MAX_TOKENS)
-    req.temperature = float(_get(body, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0", 1.0))
-    req.top_p = float(_get(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0))
-    req.top_k = _get(body, "top_k", lambda v: _is_int(v) and v >= -1, "an integer >= 0 (0 or -1: off)", 0)
-    req.top_k = max(req.top_k, 0)
-    req.repetition_penalty = float(_get(body, "repetition_penalty", lambda v: _is_number(v) and v > 0,
-                                        "a number > 0", 1.0))
+    req.temperature = _get(body, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0", None)
+    req.top_p = _get(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", None)
+    req.top_k = _get(body, "top_k", lambda v: _is_int(v) and v >= -1, "an integer >= 0 (0 or -1: off)", None)
+    req.top_k = None if req.top_k is None else max(req.top_k, 0)
+    req.repetition_penalty = _get(body, "repetition_penalty", lambda v: _is_number(v) and v > 0, "a number > 0",
+                                  None)
     req.min_tokens = _get(body, "min_tokens", lambda v: _is_int(v) and v >= 0, "an integer >= 0", 0)
     if req.min_tokens > req.max_tokens:
         raise _bad("min_tokens", f"min_tokens ({req.min_tokens}) must be <= max_tokens ({req.max_tokens})")

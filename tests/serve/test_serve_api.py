@@ -66,11 +66,11 @@ def _cases() -> list:
 
 
 def _alone(model, case) -> str:
-    """What runtime.generate gives this request alone."""
+    """What runtime.generate gives this request alone (a setting left out: the artifact's default, in both)."""
     return model.generate(case["prompt"], max_new_tokens=case["max_tokens"], min_new_tokens=case.get("min_tokens", 0),
                           do_sample=case["temperature"] > 0, temperature=case["temperature"],
-                          top_k=case.get("top_k", 0), top_p=case.get("top_p", 1.0),
-                          repetition_penalty=case.get("repetition_penalty", 1.0), seed=case.get("seed"),
+                          top_k=case.get("top_k"), top_p=case.get("top_p"),
+                          repetition_penalty=case.get("repetition_penalty"), seed=case.get("seed"),
                           stop=case.get("stop"))
 
 
@@ -109,8 +109,8 @@ def test_streams_concurrently_give_the_pieces_of_model_stream(served_any):
     for case, texts in zip(cases, results):
         alone = model.stream(case["prompt"], max_new_tokens=case["max_tokens"],
                              min_new_tokens=case.get("min_tokens", 0), do_sample=case["temperature"] > 0,
-                             temperature=case["temperature"], top_k=case.get("top_k", 0),
-                             top_p=case.get("top_p", 1.0), repetition_penalty=case.get("repetition_penalty", 1.0),
+                             temperature=case["temperature"], top_k=case.get("top_k"),
+                             top_p=case.get("top_p"), repetition_penalty=case.get("repetition_penalty"),
                              seed=case.get("seed"), stop=case.get("stop"))
         assert [t for t in texts if t] == list(alone), case  # same pieces: no split character, no partial stop
 
