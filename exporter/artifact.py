@@ -73,22 +73,35 @@ def save_graph(ir_model, directory: Path, threshold: int) -> None:
 
 def build_manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
     """The manifest of a freshly traced graph (docs/ARTIFACT.md), without "files" and "validation" results."""
+    model = {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
+             "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision}
+    generation_config = getattr(loaded.model, "generation_config", None)  # the checkpoint's (exporter/load.py)
+    return describe_graph(model, tokenizer_record(loaded), loaded.model.config, generation_config, facts, ir_model,
+                          opts.dtype, passes)
+
+
+def describe_graph(model: dict, tokenizer: dict, config, generation_config, facts: dict, ir_model, dtype: str,
+                   passes: dict) -> dict:
+    """A manifest for `ir_model` (without "files"; validation pending), from any producer of the graph.
+
+    Args:
+        model: the manifest's "model" section; tokenizer: its "tokenizer" section.
+        config, generation_config: the transformers configs (special token ids, generation defaults; the latter
+            may be None); facts: the architecture facts.
+    """
     from gptexport.graphs.signature import DTYPE_NAMES, io_spec
 
     from . import __version__
     from .generation import generation_section, special_tokens
 
-    config = loaded.model.config
-    generation_config = getattr(loaded.model, "generation_config", None)  # the checkpoint's (exporter/load.py)
     kv = next(v for v in ir_model.graph.inputs if v.name.startswith("past_key_values."))
     return {
         "format_version": FORMAT_VERSION,
         "producer": {"name": "gptexport", "version": __version__},
-        "model": {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
-                  "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision},
-        "tokenizer": tokenizer_record(loaded),
+        "model": model,
+        "tokenizer": tokenizer,
         "config": facts,
-        "dtype": opts.dtype,
+        "dtype": dtype,
         "kv_dtype": DTYPE_NAMES[kv.dtype],
         "inputs": io_spec(ir_model.graph.inputs),
         "outputs": io_spec(ir_model.graph.outputs),

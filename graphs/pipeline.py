@@ -79,6 +79,35 @@ def _cleanup(model: ir.Model) -> None:
         p(model)
     if any(n.domain == MS_DOMAIN for n in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
+    unique_node_names(model)
+
+
+def unique_node_names(model: ir.Model) -> int:
+    """Suffix repeated node and value names (onnxruntime refuses a graph that repeats either); returns the renamed.
+
+    Graphs traced by exporter/trace.py have hierarchical names, so the rules' names are unique there; a graph from
+    elsewhere (an adopted Optimum export, flat TorchScript names) can make two rewrites pick the same name.
+    """
+    graph = model.graph
+    nodes: set[str] = set()
+    values: set[str] = {v.name for v in graph.inputs} | set(graph.initializers)
+    renamed = 0
+
+    def fresh(name: str, taken: set[str]) -> str:
+        k = 1
+        while f"{name}_{k}" in taken:
+            k += 1
+        return f"{name}_{k}"
+
+    for node in graph:
+        if node.name and node.name in nodes:
+            node.name, renamed = fresh(node.name, nodes), renamed + 1
+        nodes.add(node.name)
+        for value in node.outputs:
+            if value.name and value.name in values and value not in graph.outputs:
+                value.name, renamed = fresh(value.name, values), renamed + 1
+            values.add(value.name)
+    return renamed
 
 
 def shortfalls(report: FusionReport, expected: dict[str, int]) -> list[str]:
