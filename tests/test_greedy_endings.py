@@ -51,9 +51,10 @@ def eos_artifact(tmp_path_factory, hf_model):
     tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     free = hf_generate(hf_model(ckpt), tokenizer, BATCH, max_new_tokens=NEW, min_new_tokens=NEW)
     eos = _pick_eos(free)
-    config = json.loads((ckpt / "config.json").read_text())
-    config["eos_token_id"] = eos
-    (ckpt / "config.json").write_text(json.dumps(config))
+    for name in ("config.json", "generation_config.json"):  # both: the manifest takes generation_config's
+        config = json.loads((ckpt / name).read_text())
+        config["eos_token_id"] = eos
+        (ckpt / name).write_text(json.dumps(config))
     result = export(ExportOptions(model=str(ckpt), output=str(root / "artifact")))
     assert result.manifest["special_tokens"]["eos_token_id"] == eos
     return hf_model(ckpt), result.output, tokenizer, eos
