@@ -152,6 +152,8 @@ def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter)
         passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
                             strict=opts.strict)
         shared = to_shared_buffer(ir_model) if opts.kv_layout == "shared_buffer" else None  # after precision
+        if shared is None:  # the runtime takes the last position's logits only; others feed nothing, get all
+            add_logits_to_keep_input(ir_model)
     with report.step("save"):  # streamed weights are read, converted and written here, one at a time
         save_graph(ir_model, directory, opts.external_data_threshold)
         loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
@@ -204,6 +206,17 @@ def write_tokenizer_files(directory: Path, tokenizer, special_tokens: dict, max_
 
 
 # ---- the in-place KV-cache graph (graphs/shared_kv.py) ------------------------------------------------------------
+
+def add_logits_to_keep_input(ir_model) -> None:
+    """graphs/last_logits.py on the default graph; a graph it cannot rewrite is an export error, with the reason."""
+    from gptexport.graphs.fusion._match import Reject
+    from gptexport.graphs.last_logits import add_logits_to_keep
+
+    try:
+        add_logits_to_keep(ir_model)
+    except Reject as err:
+        raise ExportError(f"cannot add the logits_to_keep input to this graph: {err}") from None
+
 
 def to_shared_buffer(ir_model) -> int:
     """The in-place KV-cache rewrite (graphs/shared_kv.py) of the fused graph; returns the attentions rewritten.

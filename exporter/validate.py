@@ -269,6 +269,8 @@ def structural_check(artifact: Path, facts: dict, manifest: dict) -> dict:
     inputs = input_names(layers)
     if manifest.get("kv_layout") == shared_kv.KV_LAYOUT:
         inputs = shared_kv.input_names(inputs)
+    else:  # graphs/last_logits.py: an input with a default, last
+        inputs = inputs + ["logits_to_keep"]
     if [v.name for v in proto.graph.input] != inputs:
         problems.append("graph inputs differ from docs/ARTIFACT.md")
     if [v.name for v in proto.graph.output] != output_names(layers):

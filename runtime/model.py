@@ -30,6 +30,7 @@ from .session import Decoder, check_cuda_placement, check_threads, create_sessio
 
 MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 _REPLACEMENT = "\ufffd"
+DEFAULT_MAX_BATCH_SIZE = 16  # prompts a generate call runs as one batch; a longer list runs as several
 # What a setting left as None becomes when the manifest does not say: transformers' GenerationConfig defaults
 # (5.x `_get_default_generation_params`), and our 32 new tokens where transformers stops at max_length 20.
 TRANSFORMERS_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -45,6 +46,16 @@ class Stats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    batches: int = 0  # a prompt list longer than max_batch_size runs as several batches, one after the other
+
+    def add(self, part: "Stats") -> None:
+        """Fold one batch's figures into a call's: rows and times add up, lengths are the longest."""
+        self.batch += part.batch
+        self.prompt_tokens = max(self.prompt_tokens, part.prompt_tokens)
+        self.new_tokens = max(self.new_tokens, part.new_tokens)
+        self.prefill_s += part.prefill_s
+        self.decode_s += part.decode_s
+        self.batches += 1
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -217,6 +228,7 @@ class Model:
         self.pad_token_id = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
         self.max_positions = manifest["config"]["max_positions"]
         self.defaults = manifest.get("generation", {})
+        self.max_batch_size = DEFAULT_MAX_BATCH_SIZE
         # manifests before issue 17 wrote fixed settings ("top_k": 0), not the checkpoint's: only their length counts
         self._carried = "source" in self.defaults
         self._local = threading.local()
@@ -235,7 +247,7 @@ class Model:
     def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=None, temperature=None,
                  top_k=None, top_p=None, repetition_penalty=None, seed=None, stop=None, return_tokens=False,
                  return_logprobs=False, num_beams=1, length_penalty=1.0, early_stopping=False, eos_token_id=None,
-                 return_result=False):
+                 return_result=False, max_batch_size=None):
         """Generate a continuation for one prompt or a left-padded batch of prompts.
 
         Args:
@@ -263,6 +275,9 @@ class Model:
             return_result: return a `Result` (a `Completion` per prompt: text, tokens, logprobs, generated_tokens,
                 finish_reason; and this call's `Stats`) instead of text; return_tokens/return_logprobs are then
                 ignored.
+            max_batch_size: prompts run as one batch at most (None: `model.max_batch_size`, 16 by default); a
+                longer list runs as consecutive batches, with the same greedy and beam outputs as one batch (and
+                seeded sampling as reproducible, one random stream across the batches), so memory stays bounded.
         Returns:
             The continuation text (str, or list of str for a list prompt); with `return_tokens` and/or
             `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order; with
@@ -278,16 +293,22 @@ class Model:
         _check_seed(seed)
         eos = self._eos(eos_token_id)
         length_penalty = _check_beam(num_beams, length_penalty, early_stopping, params.do_sample)
-        stats = Stats()
+        size = self._batch_size(max_batch_size)
         if num_beams > 1:
             if stops:
                 raise GenerationError("stop strings are not supported with beam search (num_beams > 1)")
             if return_logprobs:
                 raise GenerationError("return_logprobs is not supported with beam search (num_beams > 1)")
-            self._beam(rows, params, int(num_beams), length_penalty, early_stopping, eos, stats)
-        else:
-            for _ in self._run(rows, params, seed, stops, live_text=bool(stops), eos=eos, stats=stats):
-                pass
+        stats, rng = Stats(), np.random.default_rng(seed)
+        for first in range(0, len(rows), size):
+            chunk, part = rows[first:first + size], Stats()
+            if num_beams > 1:
+                self._beam(chunk, params, int(num_beams), length_penalty, early_stopping, eos, part)
+            else:
+                for _ in self._run(chunk, params, rng, stops, live_text=bool(stops), eos=eos, stats=part):
+                    pass
+            stats.add(part)
+        self.last_stats = stats  # this thread's
         completions = [row.completion() for row in rows]
         if return_result:
             return Result(completions, stats)
@@ -327,14 +348,16 @@ class Model:
                               repetition_penalty, rows)
         _check_seed(seed)
         stats = Stats()
-        pieces = self._stream(rows, params, seed, _normalize_stops(stop), self._eos(eos_token_id), stats)
+        pieces = self._stream(rows, params, np.random.default_rng(seed), _normalize_stops(stop),
+                              self._eos(eos_token_id), stats)
         return TextStream(pieces, rows[0], stats)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _stream(self, rows: list, params: SamplingParams, seed, stops: list, eos, stats: Stats):
+    def _stream(self, rows: list, params: SamplingParams, rng, stops: list, eos, stats: Stats):
         row, emitted = rows[0], ""
-        for _ in self._run(rows, params, seed, stops, live_text=True, eos=eos, stats=stats):
+        stats.batches = 1
+        for _ in self._run(rows, params, rng, stops, live_text=True, eos=eos, stats=stats):
             text = row.text if row.done else self._stable(row.text, stops)
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]
@@ -351,8 +374,11 @@ class Model:
                    default=0)
         return text[:len(text) - hold]
 
-    def _run(self, rows: list, params: SamplingParams, seed, stops: list, live_text: bool, eos, stats: Stats):
-        """Generate into `rows`, yielding after every step; `stats` (this call's) is filled in as it goes.
+    def _run(self, rows: list, params: SamplingParams, rng, stops: list, live_text: bool, eos, stats: Stats):
+        """Generate into `rows` (one batch), yielding after every step; `stats` is filled in as it goes.
+
+        `rng` (a numpy Generator) draws the samples. The graph returns the last position's logits only
+        (`logits_to_keep=1` where the graph has the input), never (B, L, vocab) at prefill.
 
         Rows' tokens and done flags are updated every step; their text every step when `live_text` (streaming,
         stop strings), otherwise once at the end, so plain generation does not re-decode a growing text.
@@ -361,11 +387,10 @@ class Model:
         position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
         seen = [list(row.prompt) for row in rows]  # transformers' penalty skips left padding (prompt_ignore_length)
         cache = self.decoder.new_cache(len(rows), capacity=input_ids.shape[1] + params.max_new_tokens)
-        rng = np.random.default_rng(seed)
         stats.batch, stats.prompt_tokens = len(rows), int(input_ids.shape[1])
         self.last_stats = stats  # this thread's
         start = time.perf_counter()
-        logits = self.decoder.step(input_ids, mask, position_ids, cache)
+        logits = self.decoder.step(input_ids, mask, position_ids, cache, logits_to_keep=1)  # (B, 1, vocab)
         stats.prefill_s = time.perf_counter() - start
         for step in range(params.max_new_tokens):
             tokens = self._advance(rows, seen, logits[:, -1, :], params, step, stops, live_text, eos, rng)
@@ -376,7 +401,7 @@ class Model:
                 break
             mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)  # (B, T+1)
             position_ids = position_ids[:, -1:] + 1  # (B, 1)
-            logits = self.decoder.step(tokens[:, None], mask, position_ids, cache)
+            logits = self.decoder.step(tokens[:, None], mask, position_ids, cache, logits_to_keep=1)
         stats.decode_s = time.perf_counter() - start - stats.prefill_s
         if not live_text:
             for row in rows:
@@ -413,7 +438,7 @@ class Model:
         stats.batch, stats.prompt_tokens = batch, int(input_ids.shape[1])
         self.last_stats = stats  # this thread's
         start = time.perf_counter()
-        logits = self.decoder.step(input_ids, mask, position_ids, cache)[:, -1, :]  # (B, V)
+        logits = self.decoder.step(input_ids, mask, position_ids, cache, logits_to_keep=1)[:, -1, :]  # (B, V)
         # transformers' _expand_inputs_for_generation: each prompt's row repeated num_beams times
         expand = np.repeat(np.arange(batch), num_beams)  # (B*N,)
         cache.reorder(expand)
@@ -424,7 +449,8 @@ class Model:
             cache.reorder(beam_idx)
             state["mask"] = np.concatenate([state["mask"], np.ones((len(tokens), 1), dtype=np.int64)], axis=1)
             state["positions"] = state["positions"] + 1  # (B*N, 1)
-            out = self.decoder.step(tokens[:, None].astype(np.int64), state["mask"], state["positions"], cache)
+            out = self.decoder.step(tokens[:, None].astype(np.int64), state["mask"], state["positions"], cache,
+                                    logits_to_keep=1)
             return out[:, -1, :]
 
         best = beam_search(logits[expand], decode, input_ids, mask, num_beams, params.max_new_tokens,
@@ -436,6 +462,12 @@ class Model:
             row.tokens, row.done = tokens, True
             row.finish_reason = "eos" if tokens and tokens[-1] == eos else "length"
             row.text = self._decode([t for t in tokens if t != eos])
+
+    def _batch_size(self, max_batch_size) -> int:
+        size = self.max_batch_size if max_batch_size is None else max_batch_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise GenerationError(f"max_batch_size must be None or an integer >= 1, got {_short(size)}")
+        return int(size)
 
     def _eos(self, eos_token_id):
         """The end-of-sequence id of a call: an override (validated against the vocabulary) or the manifest's."""

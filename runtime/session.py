@@ -26,6 +26,7 @@ PROVIDERS = {
 }
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 # Where the kernel says which cgroup this process is in, and where cgroup files are mounted (tests point them
@@ -117,6 +118,9 @@ def session_options(threads=None) -> ort.SessionOptions:
     check_threads(threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads) if threads is not None else available_cores()
+    # errors only: at load onnxruntime warns about every input with a default (logits_to_keep, by design
+    # overridable) on every process start; what a user must know is raised or warned by the runtime itself
+    options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options
@@ -314,6 +318,8 @@ class Decoder:
                                 f"expected one of {', '.join(KV_DTYPES)}")
         self.kv_dtype = KV_DTYPES[manifest["kv_dtype"]]
         self.input_names = [i.name for i in session.get_inputs()]
+        # an input with a default (an overridable initializer): graphs/last_logits.py
+        self.keeps_logits = LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         self.pairs = kv_names(self.input_names)
         # graphs/shared_kv.py variant: max-length buffers written in place (runtime/kv.py)
         self.shared = manifest.get("kv_layout") == "shared_buffer"
@@ -342,7 +348,7 @@ class Decoder:
         return cls(self.pairs, batch, self.num_heads, self.head_size, self.kv_dtype)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache) -> np.ndarray:
+             cache: KVCache, logits_to_keep: int = 0) -> np.ndarray:
         """Run one prefill or decode step and advance the cache.
 
         Args:
@@ -350,12 +356,16 @@ class Decoder:
             attention_mask: (B, past + S) int64.
             position_ids: (B, S) int64.
             cache: the request's cache; updated with the presents.
+            logits_to_keep: k > 0 returns the logits of the last k positions only, where the graph has the
+                `logits_to_keep` input (graphs/last_logits.py), else all S; 0: all S.
         Returns:
-            (B, S, vocab) logits on the host.
+            (B, S or k, vocab) logits on the host (the shared_buffer graph: (B, 1, vocab) always).
         """
         if isinstance(cache, SharedKVCache):  # (B, 1, vocab): each row's last position only
             return shared_step(self.session, cache, input_ids, attention_mask, position_ids, self.pad_token_id)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if logits_to_keep and self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
         if self.provider == "cuda":
             return self._step_bound(feeds, cache)
         outputs = self.session.run(["logits"] + cache.present_names(), {**feeds, **cache.feeds()})

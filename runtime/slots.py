@@ -140,7 +140,8 @@ class ConcatSlots:
         n = len(ids)
         self.caches[slot] = self.decoder.new_cache(1)
         logits = self.decoder.step(np.asarray([ids], dtype=np.int64), np.ones((1, n), dtype=np.int64),
-                                   np.arange(n, dtype=np.int64)[None, :], self.caches[slot])
+                                   np.arange(n, dtype=np.int64)[None, :], self.caches[slot],
+                                   logits_to_keep=1)  # (1, 1, vocab), not (1, n, vocab)
         self.lengths[slot] = n
         return logits[0, -1]
 
@@ -152,7 +153,7 @@ class ConcatSlots:
             if n + 1 > self.context:
                 raise ValueError(f"KV cache slot of {self.context} positions is full")
             logits = self.decoder.step(np.array([[token]], dtype=np.int64), np.ones((1, n + 1), dtype=np.int64),
-                                       np.array([[n]], dtype=np.int64), self.caches[slot])
+                                       np.array([[n]], dtype=np.int64), self.caches[slot], logits_to_keep=1)
             self.lengths[slot] = n + 1
             out.append(logits[0, -1])
         return np.stack(out)
