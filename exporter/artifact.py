@@ -132,11 +132,29 @@ def open_session(directory: Path):
     return ort.InferenceSession(str(directory / MODEL_FILE), options, providers=["CPUExecutionProvider"])
 
 
+def quant_settings(loaded, opts) -> dict:
+    """The int8/int4 settings for run_passes, with calibration statistics gathered here (torch) for graphs/."""
+    from .passes import KEEP_8BIT
+
+    quant = {"block_size": opts.block_size, "method": opts.quant_method, "kernel": opts.int8_kernel,
+             "keep_8bit": KEEP_8BIT + tuple(opts.keep_8bit)}
+    calibrated = opts.dtype == "int4" or (opts.dtype == "int8" and opts.int8_kernel == "nbits")
+    if not calibrated or opts.quant_method != "search":
+        return quant
+    from .calibrate import activation_importance, calibration_tokens
+
+    tokens, quant["calibration"] = calibration_tokens(loaded, tuple(opts.calibration))
+    if tokens is not None:
+        quant["importance"] = activation_importance(loaded, tokens)
+    return quant
+
+
 def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter) -> dict:
     """Trace, passes and save into `directory`; the same code for in-memory and streamed weights.
 
     Args:
-        opts: an ExportOptions (fuse, dtype, strict, kv_layout, external_data_threshold are read).
+        opts: an ExportOptions (fuse, dtype, strict, kv_layout, external_data_threshold and the int8/int4
+            settings are read).
     Returns:
         the manifest, with the checksums of the files written but not itself written: manifest.json marks a
         complete artifact, so it is written only when the artifact is published.
@@ -150,7 +168,7 @@ def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter)
             raise ExportError(f"cannot stream the weights: {err.args[0]}") from None
     with report.step("passes"):
         passes = run_passes(ir_model, loaded.architecture.name, facts, fuse=opts.fuse, dtype=opts.dtype,
-                            strict=opts.strict)
+                            strict=opts.strict, quant=quant_settings(loaded, opts))
         shared = to_shared_buffer(ir_model) if opts.kv_layout == "shared_buffer" else None  # after precision
         if shared is None:  # the runtime takes the last position's logits only; others feed nothing, get all
             add_logits_to_keep_input(ir_model)

@@ -36,6 +36,13 @@ class ExportOptions:
     strict: bool = False
     stream: bool | None = None  # stream weights into the file (None: only when the model does not fit in memory)
     kv_layout: str = "concat"  # one of KV_LAYOUTS
+    # int8 / int4 (exporter/passes.py): block size along K, scale method, int8 kernel, MatMuls kept at 8 bits in
+    # int4 (beyond the lm_head), calibration text files (none: the fp32 model's own samples)
+    block_size: int = 32
+    quant_method: str = "search"
+    int8_kernel: str = "nbits"
+    keep_8bit: tuple = ()
+    calibration: tuple = ()
 
 
 @dataclass
@@ -58,6 +65,18 @@ def check_options(opts: ExportOptions) -> None:
     """
     if opts.kv_layout not in KV_LAYOUTS:
         raise ExportError(f"unknown kv layout {opts.kv_layout!r}; choose one of: {', '.join(KV_LAYOUTS)}")
+    from .passes import BLOCK_SIZES, INT8_KERNELS, QUANT_METHODS
+
+    if opts.block_size not in BLOCK_SIZES:
+        raise ExportError(f"block size {opts.block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if opts.quant_method not in QUANT_METHODS:
+        raise ExportError(f"unknown quantization method {opts.quant_method!r}; choose one of: "
+                          f"{', '.join(QUANT_METHODS)}")
+    if opts.int8_kernel not in INT8_KERNELS:
+        raise ExportError(f"unknown int8 kernel {opts.int8_kernel!r}; choose one of: {', '.join(INT8_KERNELS)}")
+    for name in opts.calibration:
+        if not Path(name).is_file():
+            raise ExportError(f"--calibration {name!r}: no such file; pass text files to calibrate on")
     if opts.kv_layout == "shared_buffer" and not opts.fuse:
         raise ExportError("--kv-layout shared_buffer cannot be combined with --no-fuse: the in-place KV cache "
                           "rewrites the fused attention (drop --no-fuse, or use --kv-layout concat)")

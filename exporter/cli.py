@@ -104,8 +104,10 @@ def _version() -> str:
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow the checkpoint's own Python code to run (never done without this flag).")
 @click.option("--fp16", "dtype", flag_value="float16", help="Weights and KV cache in float16 (overflow-prone parts in fp32).")
-@click.option("--int8", "dtype", flag_value="int8", help="int8 weights, dynamic int8 MatMul (CPU).")
-@click.option("--int4", "dtype", flag_value="int4", help="4-bit block-quantized weights (MatMulNBits, block 32).")
+@click.option("--int8", "dtype", flag_value="int8",
+              help="int8 symmetric block-quantized weights (MatMulNBits bits=8, activations int8 per token and block).")
+@click.option("--int4", "dtype", flag_value="int4",
+              help="4-bit symmetric block-quantized weights (MatMulNBits, int8 compute), the lm_head at 8 bits.")
 @click.option("--fp32", "dtype", flag_value="float32", default=True, help="float32 (the default).")
 @click.option("--no-fuse", is_flag=True, help="Skip the fusion passes (standard ONNX ops only).")
 @click.option("--strict", is_flag=True, help="Fail when a fusion rule falls short of its expected count.")
@@ -114,17 +116,33 @@ def _version() -> str:
                    "other ONNX tools load). shared_buffer: GroupQueryAttention writing in place into one "
                    "preallocated buffer, logits at each row's last token only; the fastest for gptexport's own "
                    "runtime, not loadable by Optimum; needs fusion (not with --no-fuse).")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="int8/int4: weights per scale along K.")
+@click.option("--calibration", multiple=True, metavar="FILE",
+              help="int8/int4: text file(s) whose activations weight the scale search (repeatable; default: text "
+                   "the fp32 model samples itself).")
+@click.option("--quant-method", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
+              help="int8/int4 scales: error-minimising search weighted by calibration activations, or round to "
+                   "nearest.")
+@click.option("--keep-8bit", multiple=True, metavar="PATTERN",
+              help="int4: also keep MatMuls whose weight name matches PATTERN (fnmatch, e.g. '*h.0.mlp.*') at 8 "
+                   "bits; the lm_head always is (repeatable).")
+@click.option("--int8-kernel", type=click.Choice(["nbits", "dynamic"]), default="nbits", show_default=True,
+              help="int8: MatMulNBits (activations per token and block) or the older DynamicQuantizeMatMul "
+                   "(activations per tensor).")
 @click.option("--stream/--no-stream", default=None,
               help="Stream weights one tensor at a time into the file, never holding the model (default: only when "
                    "the model does not fit in memory twice).")
 def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code, dtype,
-        no_fuse, strict, kv_layout, stream):
+        no_fuse, strict, kv_layout, block_size, calibration, quant_method, keep_8bit, int8_kernel, stream):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
     opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
                          validate=not no_validate, trust_remote_code=trust_remote_code, dtype=dtype,
-                         fuse=not no_fuse, strict=strict, stream=stream, kv_layout=kv_layout)
+                         fuse=not no_fuse, strict=strict, stream=stream, kv_layout=kv_layout,
+                         block_size=int(block_size), calibration=tuple(calibration), quant_method=quant_method,
+                         keep_8bit=tuple(keep_8bit), int8_kernel=int8_kernel)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())

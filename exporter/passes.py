@@ -9,12 +9,18 @@ from __future__ import annotations
 from .presets import ExportError
 
 DTYPES = ("float32", "float16", "int8", "int4")
+BLOCK_SIZES = (32, 64, 128)
 INT4_BLOCK_SIZE = 32
-INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU
+INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU (activations int8 per token/block)
+QUANT_METHODS = ("search", "rtn")
+INT8_KERNELS = ("nbits", "dynamic")
+# The sensitive MatMuls int4 keeps at 8 bits: the lm_head (its error goes straight into the logits; measured in
+# BENCHMARKS.md). More entries (fnmatch patterns over weight names) come from --keep-8bit.
+KEEP_8BIT = ("lm_head",)
 
 
 def run_passes(ir_model, architecture: str, facts: dict, fuse: bool = True, dtype: str = "float32",
-               strict: bool = False) -> dict:
+               strict: bool = False, quant: dict | None = None) -> dict:
     """Rewrite the traced graph in place and return the manifest's `passes` section.
 
     Args:
@@ -24,6 +30,8 @@ def run_passes(ir_model, architecture: str, facts: dict, fuse: bool = True, dtyp
         fuse: run the fusion rules.
         dtype: one of DTYPES.
         strict: a fusion count below the architecture's expected count is an error, not a warning.
+        quant: int8/int4 settings: block_size, method, kernel (int8), keep_8bit (int4), importance (initializer
+            name -> (K,) mean x^2) and calibration (its manifest record); defaults where absent.
     Returns:
         {"fused", "counts", "expected", "shortfalls", "precision", "skipped"}.
     Raises:
@@ -34,7 +42,7 @@ def run_passes(ir_model, architecture: str, facts: dict, fuse: bool = True, dtyp
     section = {"fused": fuse, "counts": {}, "expected": {}, "shortfalls": [], "precision": dtype, "skipped": {}}
     if fuse:
         _fuse(ir_model, architecture, facts, section, strict)
-    _precision(ir_model, dtype, section)
+    _precision(ir_model, dtype, section, quant or {})
     return section
 
 
@@ -49,16 +57,44 @@ def _fuse(ir_model, architecture, facts, section, strict) -> None:
         raise ExportError("fusion fell short (--strict): " + "; ".join(section["shortfalls"]))
 
 
-def _precision(ir_model, dtype, section) -> None:
-    from gptexport.graphs.precision import quantize_int4, quantize_int8, to_fp16
+def _precision(ir_model, dtype, section, quant: dict) -> None:
+    from gptexport.graphs.precision import NBitsSummary, quantize_int4, quantize_int8, to_fp16
 
     skipped: dict = {}
+    block = quant.get("block_size", INT4_BLOCK_SIZE)
+    method = quant.get("method", "search")
+    importance = quant.get("importance")
+    summary = NBitsSummary()
     if dtype == "float16":
         section["counts"]["fp16_initializers"] = to_fp16(ir_model, report=skipped)
     elif dtype == "int8":
-        section["counts"]["int8_matmuls"] = quantize_int8(ir_model, report=skipped)
+        kernel = quant.get("kernel", "nbits")
+        section["counts"]["int8_matmuls"] = quantize_int8(
+            ir_model, report=skipped, kernel=kernel, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL,
+            method=method, importance=importance, summary=summary)
+        section["quantization"] = (
+            {"kernel": "DynamicQuantizeMatMul", "weights": "symmetric int8 per output column",
+             "activations": "uint8 per tensor, per call"} if kernel == "dynamic" else
+            _nbits_record(8, block, method, quant, summary))
     elif dtype == "int4":
-        section["counts"]["int4_matmuls"] = quantize_int4(ir_model, block_size=INT4_BLOCK_SIZE,
-                                                          accuracy_level=INT4_ACCURACY_LEVEL, report=skipped)
-        section["int4"] = {"block_size": INT4_BLOCK_SIZE, "accuracy_level": INT4_ACCURACY_LEVEL}
+        keep = tuple(quant.get("keep_8bit", KEEP_8BIT))
+        section["counts"]["int4_matmuls"] = quantize_int4(
+            ir_model, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL, report=skipped, method=method,
+            importance=importance, keep_8bit=keep, summary=summary)
+        section["int4"] = {"block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL}
+        section["quantization"] = _nbits_record(4, block, method, quant, summary)
+        section["quantization"]["rule_8bit"] = {
+            "rule": list(keep), "explain": "lm_head: the MatMul computing the logits; other entries: fnmatch "
+                                          "patterns over weight names"}
     section["skipped"] = skipped
+
+
+def _nbits_record(bits: int, block: int, method: str, quant: dict, summary) -> dict:
+    return {"kernel": "MatMulNBits", "bits": bits, "block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL,
+            "symmetric": True,
+            "symmetric_why": "onnxruntime issue 29853: asymmetric 4-bit weights with int8 compute are wrong at M=1 "
+                             "on AVX2-only CPUs",
+            "activations": "int8 per token and block of K, inside the kernel (accuracy_level 4)",
+            "method": {"search": "error-minimising scale search weighted by calibration activations",
+                       "rtn": "round to nearest"}[method],
+            "calibration": quant.get("calibration", {"source": "none"}), **summary.record()}

@@ -22,7 +22,7 @@ from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
 ARCHS = {"gpt2": "gpt2", "gptj-partial-rotary": "gptj"}
 DTYPES = ["float32", "float16", "int8", "int4"]
 # The op each precision must introduce (and how many per layer at least), checked on the saved graph.
-PRECISION_OP = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}
+PRECISION_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits"}
 FUSED_OPS = {"MultiHeadAttention", "SkipLayerNormalization", "FastGelu"}
 
 

@@ -5,12 +5,13 @@ Imports onnx-ir and numpy only, never torch.
 
 from __future__ import annotations
 
+from . import nbits
 from .fp16 import to_fp16
-from .quantize import quantize_int4, quantize_int8
+from .quantize import LM_HEAD, NBitsSummary, quantize_int4, quantize_int8
 
 PRECISIONS = ("float32", "float16", "int8", "int4")
 
-__all__ = ["PRECISIONS", "quantize_int4", "quantize_int8", "to_fp16"]
+__all__ = ["LM_HEAD", "NBitsSummary", "nbits", "PRECISIONS", "quantize_int4", "quantize_int8", "to_fp16"]
 
 # Largest |logits difference| against torch float32 that the exporter's validation accepts, per precision.
 # Measured (tests/graphs/test_precision_parity.py; GPT-2 124M random weights, prefill of 33 tokens, |logits| <= 2.7):

@@ -1,33 +1,42 @@
-"""Weight quantization for CPU: int8 (DynamicQuantizeMatMul) and int4 (MatMulNBits), our own math in numpy.
+"""Weight quantization for CPU: int8 and int4 MatMulNBits (symmetric blocks), our own math in numpy.
 
 onnxruntime's stock quantizers failed on our exports (one refused an optimized graph, one skipped every MatMul), so
 these passes find the weight MatMuls themselves, on unfused and fused graphs alike:
 
     MatMul(x, W)                  W a 2-D float32 initializer (K, N)          GPT-J Linear, lm_head, GPT-2 MatMul+Add
-    MatMul(x, Transpose(W))       W (N, K) stored transposed
+    MatMul(x, Transpose(W))       W (N, K) stored transposed                  GPT-2's tied lm_head
     Gemm(x, W, c; transB)         GPT-2 Conv1D traced as addmm; c becomes the quantized node's bias
 
 and rewrite each as
 
-    int8  DynamicQuantizeMatMul(x, Wq int8 (K, N), scale (N,), bias)   x quantized per call to uint8 (per tensor);
-          W symmetric per output column: scale_n = max|W[:, n]| / 127, no zero point.
-    int4  MatMulNBits(x, B uint8 (N, K/bs, bs/2), scales (N*K/bs,), zero_points, bias; K, N, bits=4, block_size,
-          accuracy_level)   asymmetric per block of `block_size` along K: scale = (max - min) / 15 with 0 in range,
-          zero point round(-min / scale); two 4-bit values per byte, the even k in the low nibble.
+    MatMulNBits(x, B uint8 (N, K/bs, bs*bits/8), scales (N*K/bs,), -, -, bias; K, N, bits, block_size,
+                accuracy_level)
+        symmetric per block of `block_size` along K, no zero_points input (MatMulNBits' default zero point
+        2^(bits-1)); scales from nbits.py (round to nearest or error-minimising search, optionally weighted by
+        calibration activations). accuracy_level 4: the activations are quantized to int8 per block of K for each
+        row (token) inside the kernel, and the CPU uses int8 dot products.
+
+`quantize_int8` emits bits=8, `quantize_int4` bits=4 with a recorded rule of MatMuls kept at 8 bits (by default
+the lm_head, the most sensitive one: its error reaches the logits directly). The older int8 form,
+DynamicQuantizeMatMul (activations quantized per tensor, weights per column), stays available as
+`quantize_int8(..., kernel="dynamic")` for comparison.
 
 Not quantized, with the reason recorded: MatMuls whose B is an activation (attention scores and context), weights
-that are not 2-D or not float32 (e.g. after fp16), Gemm with transA or alpha/beta != 1, and for int4 a K smaller
-than the block. Embedding Gathers keep their float32 table (the tied GPT-2 lm_head has its own transposed copy of
-the table in the traced graph, and that copy is quantized): a Gather reads one row per token, so its weight costs
-memory, not time, and quantizing it changes every input of the network.
+that are not 2-D or not float32 (e.g. after fp16), Gemm with transA or alpha/beta != 1, and a K smaller than the
+block. Embedding Gathers keep their float32 table (the tied GPT-2 lm_head has its own transposed copy of the table
+in the traced graph, and that copy is quantized): a Gather reads one row per token, so its weight costs memory,
+not time, and quantizing it changes every input of the network.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+
+from . import nbits
 
 MS = "com.microsoft"
 FLOAT = ir.DataType.FLOAT
@@ -51,6 +60,7 @@ class WeightMatMul:
     transposed: bool
     weight_name: str
     bias: ir.Value | None
+    source_name: str = ""  # the initializer's own name (the torch parameter's): what calibration is keyed by
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,6 +79,7 @@ class WeightMatMul:
 
 
 _COLUMNS = 4096  # output columns quantized at a time: temporaries of K x 4096 values, not of the whole weight
+_SEARCH_VALUES = 1 << 22  # weights per chunk of the block quantizer (its search holds a few float temporaries)
 
 
 class _Shared:
@@ -102,54 +113,14 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale
 
 
-def quantize_int4_blocks(w: np.ndarray, block_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric 4-bit quantization in blocks along K, in MatMulNBits' layout.
-
-    Args:
-        w: (K, N) float32; K is padded with zeros to a whole number of blocks.
-        block_size: values per block, a power of two >= 16.
-    Returns:
-        packed uint8 (N, n_blocks, block_size / 2), scales float32 (N * n_blocks,),
-        zero_points uint8 (N * ceil(n_blocks / 2),), two per byte, the first block in the low nibble.
-    """
-    k, n = w.shape
-    blocks = -(-k // block_size)
-    wt = np.zeros((n, blocks * block_size), np.float32)
-    wt[:, :k] = w.T
-    wt = wt.reshape(n, blocks, block_size)  # (N, n_blocks, bs)
-    lo = np.minimum(wt.min(axis=-1), 0.0)  # 0 must be exact: padding and ReLU-like zeros
-    hi = np.maximum(wt.max(axis=-1), 0.0)
-    scale = (hi - lo) / 15.0
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # (N, n_blocks)
-    zero = np.clip(np.rint(-lo / scale), 0, 15).astype(np.uint8)
-    q = np.clip(np.rint(wt / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
-    return pack_nibbles(q), scale.reshape(-1), pack_nibbles(_pad_even(zero)).reshape(-1)
-
-
-def dequantize_int4_blocks(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int) -> np.ndarray:
-    """Inverse of quantize_int4_blocks: (K, N) float32."""
-    n, blocks, _ = packed.shape
-    q = unpack_nibbles(packed).astype(np.float32)  # (N, n_blocks, bs)
-    zero = unpack_nibbles(zero_points.reshape(n, -1))[:, :blocks].astype(np.float32)  # (N, n_blocks)
-    w = (q - zero[..., None]) * scales.reshape(n, blocks)[..., None]
-    return w.reshape(n, -1)[:, :k].T
-
-
-def pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Values 0..15 along the last axis (even length) -> bytes: element 2j low nibble, 2j+1 high nibble."""
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
-    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
-    return out
-
-
-def _int4_by_columns(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """quantize_int4_blocks over chunks of output columns: the same result (N-major), bounded temporaries."""
-    parts = [quantize_int4_blocks(w[:, c:c + _COLUMNS], block_size) for c in range(0, w.shape[1], _COLUMNS)]
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+def _nbits_by_columns(w: np.ndarray, bits: int, block_size: int, method: str,
+                      importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """nbits.quantize_blocks over chunks of output columns (each column is independent): the same result (N-major),
+    temporaries of about _SEARCH_VALUES values whatever the weight's size."""
+    step = max(1, min(_COLUMNS, _SEARCH_VALUES // max(w.shape[0], 1)))
+    parts = [nbits.quantize_blocks(w[:, c:c + step], bits, block_size, method, importance)
+             for c in range(0, w.shape[1], step)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _int8_by_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,10 +129,6 @@ def _int8_by_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for c in range(0, w.shape[1], _COLUMNS):
         q[:, c:c + _COLUMNS], scale[c:c + _COLUMNS] = quantize_int8_columns(w[:, c:c + _COLUMNS])
     return q, scale
-
-
-def _pad_even(a: np.ndarray) -> np.ndarray:
-    return a if a.shape[-1] % 2 == 0 else np.concatenate([a, np.zeros((*a.shape[:-1], 1), a.dtype)], axis=-1)
 
 
 # ---- finding weight MatMuls -------------------------------------------------------------------------------------
@@ -173,7 +140,7 @@ def weight_matmul(node: ir.Node) -> WeightMatMul:
     x, b = node.inputs[0], node.inputs[1]
     if x is None or x.dtype != FLOAT:
         raise Skip(f"activation dtype {getattr(x, 'dtype', None)}, the quantized kernels take float32")
-    w, transposed = _constant(b)
+    w, transposed, source = _constant(b)
     if w is None:
         raise Skip(f"B {b.name!r} is an activation, not a weight (e.g. attention scores)")
     if len(w.shape) != 2:
@@ -191,34 +158,67 @@ def weight_matmul(node: ir.Node) -> WeightMatMul:
         n = int(w.shape[0 if transposed else 1])
         if bias is not None and (c is None or tuple(c.shape) != (n,) or c.dtype != FLOAT):
             raise Skip(f"Gemm bias {bias.name!r} is not a constant float32 vector of N values")
-    return WeightMatMul(node, x, w, transposed, b.name, bias)
+    return WeightMatMul(node, x, w, transposed, b.name, bias, source)
 
 
-def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool]:
-    """(tensor, transposed) for an initializer or Transpose(perm 1,0) of one; (None, False) for an activation."""
+def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool, str]:
+    """(tensor, transposed, initializer name) for an initializer or Transpose(perm 1,0) of one; (None, False, "")
+    for an activation."""
     tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     if tensor is not None:
-        return tensor, False
+        return tensor, False, value.name
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Transpose":
         perm = producer.attributes.get("perm")
         inner = ir.convenience.get_const_tensor(producer.inputs[0])
         if inner is not None and len(inner.shape) == 2 and (perm is None or list(perm.value) == [1, 0]):
-            return inner, True
-    return None, False
+            return inner, True, producer.inputs[0].name
+    return None, False, ""
 
 
 # ---- the passes -------------------------------------------------------------------------------------------------
 
-def quantize_int8(model: ir.Model, report: dict[str, str] | None = None) -> int:
-    """Replace weight MatMuls with com.microsoft DynamicQuantizeMatMul (int8 weights, per-column scales).
+KERNELS = ("nbits", "dynamic")
+LM_HEAD = "lm_head"  # a keep_8bit rule entry: the MatMul that computes the logits
+
+
+@dataclass
+class NBitsSummary:
+    """What quantize_int4 / quantize_int8 did, for the manifest: bits per MatMul, which rule kept which at 8 bits,
+    and which MatMuls had calibration statistics."""
+
+    bits: dict[str, int] = field(default_factory=dict)  # node name -> bits
+    kept_8bit: dict[str, str] = field(default_factory=dict)  # node name -> the rule entry that matched
+    calibrated: list[str] = field(default_factory=list)  # node names quantized with activation importance
+
+    def record(self) -> dict:
+        counts = {b: sum(1 for v in self.bits.values() if v == b) for b in sorted(set(self.bits.values()))}
+        return {"matmuls_by_bits": {str(b): n for b, n in counts.items()}, "kept_8bit": dict(self.kept_8bit),
+                "calibrated_matmuls": len(self.calibrated)}
+
+
+def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kernel: str = "nbits",
+                  block_size: int = 32, accuracy_level: int = 4, method: str = "search",
+                  importance: dict[str, np.ndarray] | None = None, summary: NBitsSummary | None = None) -> int:
+    """Replace weight MatMuls with int8 ones.
 
     Args:
         model: changed in place; float32 graph, unfused or fused.
         report: if given, filled with node name -> reason for every MatMul/Gemm not quantized.
+        kernel: "nbits": MatMulNBits bits=8, symmetric blocks of `block_size` along K, activations quantized per
+            token and block (accuracy_level 4). "dynamic": DynamicQuantizeMatMul (activations per tensor, weights per
+            output column), the older form.
+        block_size, accuracy_level, method, importance, summary: as quantize_int4 (nbits kernel only).
     Returns:
         the number of MatMuls quantized.
+    Raises:
+        ValueError: an unknown kernel, method or a bad block_size.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
+    if kernel == "nbits":
+        return _quantize_nbits(model, 8, block_size, accuracy_level, method, importance, (), report, summary)
+
     def rewrite(site: WeightMatMul) -> ir.Node:
         k, n = site.shape
         parts = _Shared(lambda: _int8_by_columns(site.load()), parts=2)
@@ -227,53 +227,110 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None) -> int:
         return ir.Node(MS, "DynamicQuantizeMatMul", _trim([site.x, qw, sw, None, site.bias]),
                        name=f"{site.node.name}/DynamicQuantizeMatMul")
 
-    return _quantize(model, rewrite, report, min_k=1)
+    return _quantize(model, lambda site: rewrite, report, min_k=lambda site: 1)
 
 
 def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4,
-                  report: dict[str, str] | None = None) -> int:
-    """Replace weight MatMuls with com.microsoft MatMulNBits (4-bit asymmetric blocks along K).
+                  report: dict[str, str] | None = None, *, method: str = "search",
+                  importance: dict[str, np.ndarray] | None = None, keep_8bit: tuple[str, ...] = (LM_HEAD,),
+                  summary: NBitsSummary | None = None) -> int:
+    """Replace weight MatMuls with com.microsoft MatMulNBits: 4-bit symmetric blocks, chosen ones at 8 bits.
 
     Args:
         model: changed in place; float32 graph, unfused or fused.
-        block_size: weights per scale/zero point along K (power of two, >= 16).
+        block_size: weights per scale along K (power of two, >= 16).
         accuracy_level: MatMulNBits' compute type for A; 4 = int8, so the CPU uses int8 dot products.
         report: if given, filled with node name -> reason for every MatMul/Gemm not quantized.
+        method: "search" (error-minimising scales, nbits.py) or "rtn" (round to nearest).
+        importance: initializer name -> (K,) mean squared activation of each input channel (calibration); the
+            search weights each weight's error by it. MatMuls without an entry use uniform weights.
+        keep_8bit: the rule for sensitive MatMuls kept at 8 bits: LM_HEAD ("lm_head", the MatMul computing the
+            logits) and/or fnmatch patterns over initializer or node names ("*h.0.mlp.c_proj*").
+        summary: if given, filled with the bits of each MatMul and what the rule matched.
     Returns:
-        the number of MatMuls quantized.
+        the number of MatMuls quantized (at 4 or 8 bits).
     Raises:
-        ValueError: block_size is not a power of two >= 16.
+        ValueError: block_size is not a power of two >= 16, or an unknown method.
     """
+    return _quantize_nbits(model, 4, block_size, accuracy_level, method, importance, keep_8bit, report, summary)
+
+
+def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance, keep_8bit, report, summary) -> int:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16 (16, 32, 64, 128, 256)")
+    if method not in nbits.METHODS:
+        raise ValueError(f"method {method!r}: expected one of {', '.join(nbits.METHODS)}")
+    summary = NBitsSummary() if summary is None else summary
+    importance = importance or {}
+    lm_head = lm_head_node(model.graph)
 
-    def rewrite(site: WeightMatMul) -> ir.Node:
-        k, n = site.shape
-        blocks = -(-k // block_size)
-        parts = _Shared(lambda: _int4_by_columns(site.load(), block_size), parts=3)
-        u8, graph, name = ir.DataType.UINT8, model.graph, site.weight_name
-        inputs = [site.x, _initializer(graph, f"{name}_int4", u8, (n, blocks, block_size // 2), parts, 0),
-                  _initializer(graph, f"{name}_scales", FLOAT, (n * blocks,), parts, 1),
-                  _initializer(graph, f"{name}_zero_points", u8, (n * -(-blocks // 2),), parts, 2), None, site.bias]
-        attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
-                 ir.AttrInt64("block_size", block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
-        return ir.Node(MS, "MatMulNBits", _trim(inputs), attrs,
-                       name=f"{site.node.name}/MatMulNBits")
+    def site_bits(site: WeightMatMul) -> int:
+        for entry in keep_8bit:
+            hit = site.node is lm_head if entry == LM_HEAD else any(
+                fnmatch.fnmatchcase(name, entry) for name in (site.source_name, site.node.name))
+            if hit:
+                summary.kept_8bit[site.node.name] = entry
+                return 8
+        return bits
 
-    return _quantize(model, rewrite, report, min_k=block_size)
+    def rewriter(site: WeightMatMul):
+        b = site_bits(site)
+        weights = importance.get(site.source_name)
+        summary.bits[site.node.name] = b
+        if weights is not None:
+            summary.calibrated.append(site.node.name)
+        return lambda site: _nbits_node(model.graph, site, b, block_size, accuracy_level, method, weights)
+
+    return _quantize(model, rewriter, report, min_k=lambda site: block_size)
 
 
-def _quantize(model: ir.Model, rewrite, report: dict[str, str] | None, min_k: int) -> int:
+def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int, accuracy_level: int, method: str,
+                importance: np.ndarray | None) -> ir.Node:
+    k, n = site.shape
+    blocks = -(-k // block_size)
+    if importance is not None and np.asarray(importance).shape != (k,):
+        raise ValueError(f"importance of {site.source_name!r} has shape {np.asarray(importance).shape}, K is {k}")
+    parts = _Shared(lambda: _nbits_by_columns(site.load(), bits, block_size, method, importance), parts=2)
+    name = site.weight_name
+    inputs = [site.x, _initializer(graph, f"{name}_q{bits}", ir.DataType.UINT8,
+                                   (n, blocks, block_size * bits // 8), parts, 0),
+              _initializer(graph, f"{name}_scales", FLOAT, (n * blocks,), parts, 1), None, None, site.bias]
+    attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
+             ir.AttrInt64("block_size", block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
+    return ir.Node(MS, "MatMulNBits", _trim(inputs), attrs, name=f"{site.node.name}/MatMulNBits")
+
+
+_PASS_THROUGH = ("Add", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze")
+
+
+def lm_head_node(graph: ir.Graph) -> ir.Node | None:
+    """The MatMul/Gemm computing the graph output "logits" (through bias Adds, Casts and Reshapes), or None."""
+    outputs = [v for v in graph.outputs if v.name == "logits"]
+    node = outputs[0].producer() if outputs else None
+    while node is not None and node.op_type in _PASS_THROUGH:
+        nxt = [v.producer() for v in node.inputs if v is not None and v.producer() is not None
+               and ir.convenience.get_const_tensor(v) is None]
+        node = nxt[0] if len(nxt) == 1 else None
+    return node if node is not None and node.op_type in ("MatMul", "Gemm") else None
+
+
+def _quantize(model: ir.Model, rewriter, report: dict[str, str] | None, min_k) -> int:
+    """rewriter(site) -> (site -> new node), decided for every site before any rewrite (so the lm_head is found
+    on the unchanged graph)."""
     graph, count = model.graph, 0
     report = {} if report is None else report
+    plans = []
     for node in [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in ("", "ai.onnx")]:
         try:
             site = weight_matmul(node)
-            if site.shape[0] < min_k:
-                raise Skip(f"K={site.shape[0]} is smaller than one block ({min_k})")
+            if site.shape[0] < min_k(site):
+                raise Skip(f"K={site.shape[0]} is smaller than one block ({min_k(site)})")
         except Skip as reason:
             report[node.name or node.op_type] = str(reason)
             continue
+        plans.append((site, rewriter(site)))
+    for site, rewrite in plans:
+        node = site.node
         new = rewrite(site)
         graph.insert_before(node, new)
         old = node.outputs[0]
@@ -286,8 +343,6 @@ def _quantize(model: ir.Model, rewrite, report: dict[str, str] | None, min_k: in
     model.opset_imports.setdefault(MS, 1)
     _drop_unused(graph)
     return count
-
-
 def _trim(inputs: list) -> list:
     while inputs and inputs[-1] is None:
         inputs = inputs[:-1]

@@ -9,9 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from gptexport.graphs.precision import quantize_int4, quantize_int8, to_fp16
-from gptexport.graphs.precision.quantize import (dequantize_int4_blocks, dequantize_int8, pack_nibbles, quantize_int4_blocks,
-                                       quantize_int8_columns, unpack_nibbles)
+from gptexport.graphs.precision import NBitsSummary, nbits, quantize_int4, quantize_int8, to_fp16
+from gptexport.graphs.precision.quantize import dequantize_int8, lm_head_node, quantize_int8_columns
 
 RNG = np.random.default_rng(0)
 # Quantized kernels vs our numpy reference: our dequantized weights, and the activation quantized as the kernel
@@ -68,38 +67,96 @@ def _assert_close(got, want, atol, what):
     assert err.max() <= atol, f"{what}: worst |diff| {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
 
 
-# ---- int4 ---------------------------------------------------------------------------------------------------------
+# ---- int4 / int8 MatMulNBits ------------------------------------------------------------------------------------
 
-def test_nibbles_round_trip():
-    q = RNG.integers(0, 16, (5, 3, 32)).astype(np.uint8)
-    packed = pack_nibbles(q)
+def _heavy_activations(k: int, m: int = 512) -> np.ndarray:
+    """Activations with a few channels 30x the rest, as trained transformers have (LayerNorm outputs)."""
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    x[:, RNG.choice(k, max(1, k // 16), replace=False)] *= 30.0
+    return x
+
+
+def test_nibbles_layout_even_element_low():
+    codes = RNG.integers(-8, 8, (5, 3, 32)).astype(np.int16)
+    packed = nbits.pack(codes, 4)
     assert packed.shape == (5, 3, 16)
-    assert packed[0, 0, 0] == q[0, 0, 0] | (q[0, 0, 1] << 4)  # the even element in the low nibble
-    np.testing.assert_array_equal(unpack_nibbles(packed), q)
+    assert packed[0, 0, 0] == (codes[0, 0, 0] + 8) | ((codes[0, 0, 1] + 8) << 4)  # the even element in the low nibble
+    np.testing.assert_array_equal(nbits.unpack(packed, 4).astype(np.int16) - 8, codes)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rtn_bytes_equal_onnxruntime_quantizer(bits):
+    """Our symmetric RTN is onnxruntime's MatMulNBitsQuantizer's, byte for byte: same layout, same scales."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model, w = _matmul_model(64, 24)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=bits)
+    theirs = MatMulNBitsQuantizer(ir.to_proto(model), algo_config=config)
+    theirs.process()
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in theirs.model.model.graph.initializer}
+    packed, scales = nbits.quantize_blocks(w, bits, 32, "rtn")
+    np.testing.assert_array_equal(arrays[f"w_Q{bits}"], packed)
+    np.testing.assert_array_equal(arrays["w_scales"].reshape(-1), scales)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("k", [64, 80])  # 80: K not a whole number of blocks, padded
-def test_int4_blocks_round_trip_within_half_step(k):
+def test_blocks_round_trip_within_one_step(bits, k):
     w = RNG.standard_normal((k, 24)).astype(np.float32)
-    packed, scales, zero = quantize_int4_blocks(w, 32)
-    blocks = -(-k // 32)
-    assert packed.shape == (24, blocks, 16) and scales.shape == (24 * blocks,) and zero.shape == (24 * -(-blocks // 2),)
-    back = dequantize_int4_blocks(packed, scales, zero, k)
-    step = np.repeat(scales.reshape(24, blocks), 32, axis=1)[:, :k].T
-    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    for method in nbits.METHODS:
+        packed, scales = nbits.quantize_blocks(w, bits, 32, method)
+        blocks = -(-k // 32)
+        assert packed.shape == (24, blocks, 32 * bits // 8) and scales.shape == (24 * blocks,)
+        back = nbits.dequantize_blocks(packed, scales, bits, k)
+        step = np.abs(np.repeat(scales.reshape(24, blocks), 32, axis=1)[:, :k].T)
+        assert np.all(np.abs(back - w) <= step + 1e-6), method  # half a step, a whole one at the clipped end
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_search_beats_round_to_nearest(bits):
+    """The positive case: the scale search lowers the weight error, and weighted by calibration activations it
+    lowers the output error, which is what the model sees."""
+    k, n = 256, 64
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    x = _heavy_activations(k)
+    errors = {}
+    for name, method, importance in [("rtn", "rtn", None), ("search", "search", None),
+                                     ("weighted", "search", (x ** 2).mean(0))]:
+        back = nbits.dequantize_blocks(*nbits.quantize_blocks(w, bits, 32, method, importance), bits, k)
+        errors[name] = (float(((back - w) ** 2).mean()), float(((x @ back - x @ w) ** 2).mean()))
+    assert errors["search"][0] < errors["rtn"][0], errors
+    assert errors["weighted"][1] < 0.8 * errors["rtn"][1], errors
+    assert errors["weighted"][1] < errors["search"][1], errors
+
+
+def test_quantize_blocks_refuses_bad_arguments():
+    w = RNG.standard_normal((64, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="bits 3"):
+        nbits.quantize_blocks(w, 3, 32)
+    with pytest.raises(ValueError, match="method 'gptq'"):
+        nbits.quantize_blocks(w, 4, 32, "gptq")
+    with pytest.raises(ValueError, match="64 finite non-negative"):
+        nbits.quantize_blocks(w, 4, 32, "search", np.ones(63))
+    with pytest.raises(ValueError, match="64 finite non-negative"):
+        nbits.quantize_blocks(w, 4, 32, "search", -np.ones(64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("level", [0, 4])
 @pytest.mark.parametrize("k", [64, 80])
-def test_matmulnbits_matches_numpy_dequantized(level, k):
+def test_matmulnbits_matches_numpy_dequantized(bits, level, k):
     model, w = _matmul_model(k, 48)
-    assert quantize_int4(model, block_size=32, accuracy_level=level) == 1
+    importance = {"w": RNG.random(k).astype(np.float32)}
+    quantize = quantize_int4 if bits == 4 else quantize_int8
+    assert quantize(model, block_size=32, accuracy_level=level, importance=importance) == 1
     node = next(iter(model.graph))
-    assert (node.op_type, node.attributes["accuracy_level"].value, node.attributes["K"].value) == ("MatMulNBits", level, k)
+    attrs = {a: node.attributes[a].value for a in ("accuracy_level", "K", "bits")}
+    assert (node.op_type, attrs) == ("MatMulNBits", {"accuracy_level": level, "K": k, "bits": bits})
+    assert len(node.inputs) == 3  # no zero points: symmetric (onnxruntime issue 29853, see nbits.py)
     x = RNG.standard_normal((3, k)).astype(np.float32)
-    packed, scales, zero = quantize_int4_blocks(w, 32)
+    want = nbits.dequantize_blocks(*nbits.quantize_blocks(w, bits, 32, "search", importance["w"]), bits, k)
     a = _blockwise_int8(x, 32) if level == 4 else x
-    _assert_close(_run(model, x=x), a @ dequantize_int4_blocks(packed, scales, zero, k), KERNEL_ATOL, "MatMulNBits")
+    _assert_close(_run(model, x=x), a @ want, KERNEL_ATOL * (1 + np.abs(a @ want).max()), "MatMulNBits")
 
 
 def test_int4_gemm_transposed_with_bias():
@@ -107,10 +164,52 @@ def test_int4_gemm_transposed_with_bias():
     c = model.graph.initializers["c"].const_value.numpy()
     assert quantize_int4(model, accuracy_level=0) == 1
     x = RNG.standard_normal((2, 64)).astype(np.float32)
-    packed, scales, zero = quantize_int4_blocks(w.T, 32)
-    _assert_close(_run(model, x=x), x @ dequantize_int4_blocks(packed, scales, zero, 64) + c, KERNEL_ATOL,
-                  "MatMulNBits+bias")
+    want = nbits.dequantize_blocks(*nbits.quantize_blocks(w.T, 4, 32, "search"), 4, 64)
+    _assert_close(_run(model, x=x), x @ want + c, KERNEL_ATOL, "MatMulNBits+bias")
     assert "w" not in model.graph.initializers  # the float weight is gone
+
+
+def _two_matmuls_to_logits() -> ir.Model:
+    """x -MatMul(w1)- h -MatMul(head)- Add(bias) -> logits: a body MatMul and an lm_head with a bias."""
+    inits = [onnx.numpy_helper.from_array(RNG.standard_normal((64, 64)).astype(np.float32), "model.h.0.mlp.w"),
+             onnx.numpy_helper.from_array(RNG.standard_normal((64, 96)).astype(np.float32), "model.lm_head.weight"),
+             onnx.numpy_helper.from_array(RNG.standard_normal(96).astype(np.float32), "model.lm_head.bias")]
+    nodes = [helper.make_node("MatMul", ["x", "model.h.0.mlp.w"], ["h"], name="/model/layers.0/mlp/MatMul"),
+             helper.make_node("MatMul", ["h", "model.lm_head.weight"], ["z"], name="/model/lm_head/MatMul"),
+             helper.make_node("Add", ["z", "model.lm_head.bias"], ["logits"], name="/model/lm_head/Add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))  # h's dtype: the kernels take float32 only
+
+
+def test_lm_head_kept_at_8_bits_and_recorded():
+    model = _two_matmuls_to_logits()
+    assert lm_head_node(model.graph).name == "/model/lm_head/MatMul"
+    summary = NBitsSummary()
+    assert quantize_int4(model, summary=summary) == 2
+    bits = {n.name: n.attributes["bits"].value for n in model.graph if n.op_type == "MatMulNBits"}
+    assert bits == {"/model/layers.0/mlp/MatMul/MatMulNBits": 4, "/model/lm_head/MatMul/MatMulNBits": 8}
+    assert summary.kept_8bit == {"/model/lm_head/MatMul": "lm_head"}
+    assert summary.record()["matmuls_by_bits"] == {"4": 1, "8": 1}
+
+
+def test_keep_8bit_patterns_match_weight_names_only_where_they_match():
+    model = _two_matmuls_to_logits()
+    summary = NBitsSummary()
+    quantize_int4(model, keep_8bit=("*h.0.mlp*",), summary=summary)  # a layer by pattern, not the lm_head
+    assert summary.bits == {"/model/layers.0/mlp/MatMul": 8, "/model/lm_head/MatMul": 4}
+    model, summary = _two_matmuls_to_logits(), NBitsSummary()
+    quantize_int4(model, keep_8bit=(), summary=summary)  # no rule: every MatMul at 4 bits
+    assert set(summary.bits.values()) == {4} and not summary.kept_8bit
+
+
+def test_no_logits_output_no_lm_head():
+    model, _ = _matmul_model(64, 32)  # its output is "y"
+    assert lm_head_node(model.graph) is None
+    summary = NBitsSummary()
+    quantize_int4(model, summary=summary)
+    assert summary.bits == {next(iter(summary.bits)): 4}
 
 
 def test_int4_skips_k_below_block_and_activation_b():
@@ -124,10 +223,14 @@ def test_int4_skips_k_below_block_and_activation_b():
     assert "is an activation" in next(iter(report.values()))
 
 
-def test_int4_refuses_bad_block_size():
+def test_int4_refuses_bad_block_size_and_method():
     model, _ = _matmul_model(64, 32)
     with pytest.raises(ValueError, match="block_size 24"):
         quantize_int4(model, block_size=24)
+    with pytest.raises(ValueError, match="method 'awq'"):
+        quantize_int4(model, method="awq")
+    with pytest.raises(ValueError, match="kernel 'qdq'"):
+        quantize_int8(model, kernel="qdq")
 
 
 # ---- int8 ---------------------------------------------------------------------------------------------------------
@@ -143,7 +246,7 @@ def test_int8_columns_round_trip():
 def test_dynamic_quantize_matmul_matches_numpy_dequantized(gemm):
     model, w = _matmul_model(64, 48, gemm=gemm, bias=gemm)
     c = model.graph.initializers["c"].const_value.numpy() if gemm else 0.0
-    assert quantize_int8(model) == 1
+    assert quantize_int8(model, kernel="dynamic") == 1
     assert next(iter(model.graph)).op_type == "DynamicQuantizeMatMul"
     x = RNG.standard_normal((3, 64)).astype(np.float32)
     q, scale = quantize_int8_columns(w)
@@ -160,6 +263,9 @@ def test_int8_skips_activation_b_and_non_float32_weight():
     half, _ = _matmul_model(64, 32)
     to_fp16(half)
     assert quantize_int8(half, report=report) == 0
+    assert "float32" in next(iter(report.values()))
+    report.clear()
+    assert quantize_int8(half, report=report, kernel="dynamic") == 0
     assert "float32" in next(iter(report.values()))
 
 
@@ -239,7 +345,7 @@ def test_naive_fp16_overflows_where_islands_do_not(keep_fp32, finite):
 
 def test_fp16_keeps_ops_without_float16_schema_in_float32():
     model, _ = _matmul_model(64, 32)
-    quantize_int8(model)
+    quantize_int8(model, kernel="dynamic")
     report = {}
     to_fp16(model, report=report)
     assert any("takes no float16" in r for r in report.values())
