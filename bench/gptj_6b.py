@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = "The history of the city begins with a small settlement on the river, where traders met. " * 20
 
 
-def make_checkpoint(directory: Path, seed: int = 0) -> None:
+def make_checkpoint(directory: Path, seed: int = 0, layers: int | None = None) -> None:
     """config.json, tokenizer files and model.safetensors (fp16) of a random GPT-J-6B, one tensor in memory at a time.
 
     The weights are those of `gptexport gpt-j-6b --random-weights --seed SEED` (same generator per tensor).
+    `layers` keeps only that many of the 28 layers, every tensor full size (peak memory per layer, quickly).
     """
     sys.path.insert(0, str(REPO))
     import transformers
@@ -36,6 +37,8 @@ def make_checkpoint(directory: Path, seed: int = 0) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     config = transformers.GPTJConfig(**PRESETS["gpt-j-6b"].config)
+    if layers:
+        config.n_layer = layers
     config.save_pretrained(directory)
     tokenizer = gpt2_tokenizer(config.vocab_size)
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
@@ -111,6 +114,7 @@ def main() -> None:
     ck = sub.add_parser("checkpoint")
     ck.add_argument("directory", type=Path)
     ck.add_argument("--seed", type=int, default=0)
+    ck.add_argument("--layers", type=int, help="only this many layers (each full size)")
     for name in ("decode", "worker"):
         p = sub.add_parser(name)
         if name == "worker":
@@ -124,7 +128,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     if args.command == "checkpoint":
-        make_checkpoint(args.directory, args.seed)
+        make_checkpoint(args.directory, args.seed, args.layers)
         return
     if args.command == "worker":
         result = WORKERS[args.engine](args.path, _prompt_ids(args.prompt_tokens), args.new_tokens, args.threads)

@@ -225,7 +225,7 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
         qw = _initializer(model.graph, f"{site.weight_name}_int8", ir.DataType.INT8, (k, n), parts, 0)
         sw = _initializer(model.graph, f"{site.weight_name}_scale", FLOAT, (n,), parts, 1)
         return ir.Node(MS, "DynamicQuantizeMatMul", _trim([site.x, qw, sw, None, site.bias]),
-                       name=f"{site.node.name}/DynamicQuantizeMatMul")
+                       name=f"{site.node.name or site.weight_name}/DynamicQuantizeMatMul")
 
     return _quantize(model, lambda site: rewrite, report, min_k=lambda site: 1)
 
@@ -297,7 +297,8 @@ def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int,
               _initializer(graph, f"{name}_scales", FLOAT, (n * blocks,), parts, 1), None, None, site.bias]
     attrs = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
              ir.AttrInt64("block_size", block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
-    return ir.Node(MS, "MatMulNBits", _trim(inputs), attrs, name=f"{site.node.name}/MatMulNBits")
+    return ir.Node(MS, "MatMulNBits", _trim(inputs), attrs,
+                   name=f"{site.node.name or site.weight_name}/MatMulNBits")
 
 
 _PASS_THROUGH = ("Add", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze")

@@ -1,0 +1,198 @@
+"""int8 / int4 quality and speed on a trained checkpoint, ours next to onnxruntime's stock quantizer, one table.
+
+    nice -n 10 python bench/quant_bench.py [--preset gpt2-bench | --checkpoint DIR] [--work DIR] [--blocks 32 64 128]
+
+The checkpoint is exported once in fp32 (fused, the exporter's default graph) and once in fp16. Every quantized
+row starts from that fp32 graph, so the rows differ only in their quantization:
+
+    ours      graphs/precision (symmetric MatMulNBits; scale search weighted by calibration activations gathered by
+              exporter/calibrate.py; the lm_head at 8 bits), calibrated on the fp32 model's own samples (the
+              export default) or on the checkpoint's calibration.txt
+    ours-rtn  the same kernel, round-to-nearest scales, every MatMul at the row's bits (what the stock tool does)
+    ort-rtn   onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer, symmetric, accuracy_level 4
+              (it skips the tied lm_head, whose B is a Transpose: that MatMul stays fp32)
+    dynamic   int8 DynamicQuantizeMatMul (activations per tensor), the int8 of earlier releases
+
+Quality: runtime.perplexity (sliding window) on the checkpoint's held-out text against the fp32 artifact: held-out
+perplexity and its change, mean and p99 KL(fp32 || row), top-1 agreement. Size: the artifact's files. Speed:
+greedy decode tokens/s through the runtime at batch 1 and 8, median of --repeats runs in this process (the machine
+may be shared: quote whole-process A/B pairs for speed claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+def _export(checkpoint: str, out: Path, dtype: str) -> Path:
+    from gptexport.exporter.build import ExportOptions, export
+
+    if not (out / "manifest.json").is_file():
+        export(ExportOptions(model=checkpoint, output=str(out), dtype=dtype, force=True, validate=False))
+    return out
+
+
+def _write_variant(fp32: Path, out: Path, model, dtype: str, quantization: dict) -> Path:
+    """A copy of the fp32 artifact with another graph: manifest dtype, passes and checksums rewritten."""
+    import onnx_ir as ir
+
+    from gptexport.runtime.manifest import checksum_files
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copy(fp32 / "tokenizer.json", out / "tokenizer.json")
+    proto = model if hasattr(model, "SerializeToString") else ir.to_proto(model)
+    with open(out / "model.onnx", "wb") as f:
+        f.write(proto.SerializeToString())
+    manifest = json.loads((fp32 / "manifest.json").read_text())
+    manifest["dtype"] = dtype
+    manifest["passes"]["quantization"] = quantization
+    manifest["files"] = checksum_files(out)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def _ours(fp32: Path, out: Path, bits: int, block: int, method: str, importance, keep_8bit, kernel="nbits"):
+    import onnx_ir as ir
+
+    from gptexport.graphs.precision import NBitsSummary, quantize_int4, quantize_int8
+
+    model = ir.load(str(fp32 / "model.onnx"))
+    summary = NBitsSummary()
+    if bits == 4:
+        quantize_int4(model, block_size=block, method=method, importance=importance, keep_8bit=keep_8bit,
+                      summary=summary)
+    else:
+        quantize_int8(model, kernel=kernel, block_size=block, method=method, importance=importance, summary=summary)
+    return _write_variant(fp32, out, model, f"int{bits}", {"bench": True, **summary.record()})
+
+
+def _ort(fp32: Path, out: Path, bits: int, block: int):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), algo_config=config)
+    quantizer.process()
+    return _write_variant(fp32, out, quantizer.model.model, f"int{bits}", {"bench": "onnxruntime stock"})
+
+
+def _speed(artifact: Path, prompt: str, new_tokens: int, repeats: int) -> tuple[float, float]:
+    from gptexport import runtime
+
+    model = runtime.load(str(artifact))
+    out = []
+    for batch in (1, 8):
+        prompts = [prompt] * batch
+        model.generate(prompts, max_new_tokens=4, min_new_tokens=4)  # warm-up
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            rates.append(batch * new_tokens / (time.perf_counter() - start))
+        out.append(statistics.median(rates))
+    return out[0], out[1]
+
+
+def _size(artifact: Path) -> float:
+    return sum(p.stat().st_size for p in artifact.iterdir() if p.name.startswith("model.onnx")) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt2-bench", help="a tests/trained.py preset (trained when missing)")
+    parser.add_argument("--checkpoint", help="a trained checkpoint dir with heldout.txt (instead of --preset)")
+    parser.add_argument("--work", default="/tmp/gptexport-quant-bench")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--chars", type=int, default=30000, help="held-out characters scored")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-speed", action="store_true", help="quality only (speed: whole-process A/B pairs)")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+
+    from gptexport.exporter.calibrate import activation_importance, calibration_tokens
+    from gptexport.exporter.load import load
+    from gptexport.runtime.perplexity import perplexity
+
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+    else:
+        import trained
+
+        checkpoint = trained.checkpoint(args.preset, log=lambda line: print(f"[train] {line}", flush=True))
+    heldout = (checkpoint / "heldout.txt").read_text(encoding="utf-8")[:args.chars]
+    work = Path(args.work) / checkpoint.name
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = _export(str(checkpoint), work / "fp32", "float32")
+    rows = {"fp32": fp32, "fp16": _export(str(checkpoint), work / "fp16", "float16")}
+
+    loaded = load(str(checkpoint))  # the torch model: calibration statistics, exactly as the exporter gathers them
+    importance = {}
+    for source in ("self", "file"):
+        files = () if source == "self" else (str(checkpoint / "calibration.txt"),)
+        tokens, record = calibration_tokens(loaded, files)
+        importance[source] = activation_importance(loaded, tokens)
+        print(f"calibration {source}: {record}", flush=True)
+
+    for block in args.blocks:
+        rows[f"int8 ours b{block}"] = _ours(fp32, work / f"int8-ours-b{block}", 8, block, "search",
+                                            importance["self"], ())
+        rows[f"int8 ort-rtn b{block}"] = _ort(fp32, work / f"int8-ort-b{block}", 8, block)
+        rows[f"int4 ours b{block}"] = _ours(fp32, work / f"int4-ours-b{block}", 4, block, "search",
+                                            importance["self"], ("lm_head",))
+        rows[f"int4 ours calib.txt b{block}"] = _ours(fp32, work / f"int4-ours-file-b{block}", 4, block, "search",
+                                                      importance["file"], ("lm_head",))
+        rows[f"int4 ours no-calib b{block}"] = _ours(fp32, work / f"int4-ours-nocal-b{block}", 4, block, "search",
+                                                     None, ("lm_head",))
+        rows[f"int4 ours-rtn b{block}"] = _ours(fp32, work / f"int4-ours-rtn-b{block}", 4, block, "rtn", None, ())
+        rows[f"int4 ours-rtn+lm_head8 b{block}"] = _ours(fp32, work / f"int4-ours-rtn8-b{block}", 4, block, "rtn",
+                                                         None, ("lm_head",))
+        rows[f"int4 ort-rtn b{block}"] = _ort(fp32, work / f"int4-ort-b{block}", 4, block)
+    rows["int8 dynamic (earlier int8)"] = _ours(fp32, work / "int8-dynamic", 8, 32, "rtn", None, (), "dynamic")
+
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.decode(tokenizer.encode(heldout).ids[:32])  # batch 8 x (32 + new tokens) within the positions
+    results = []
+    for name, artifact in rows.items():
+        kw = dict(window=args.window, stride=args.window // 2)
+        r = perplexity(str(artifact), heldout, reference=None if name == "fp32" else str(fp32), **kw)
+        b1, b8 = (float("nan"),) * 2 if args.no_speed else _speed(artifact, prompt, args.new_tokens, args.repeats)
+        kl = r.kl or {"mean": 0.0, "p99": 0.0, "top1_agreement": 1.0, "reference_perplexity": r.perplexity}
+        results.append({"row": name, "perplexity": r.perplexity, "tokens": r.tokens,
+                        "change_pct": 100 * (r.perplexity / kl["reference_perplexity"] - 1),
+                        "mean_kl": kl["mean"], "p99_kl": kl["p99"], "top1": kl["top1_agreement"],
+                        "size_mb": _size(artifact), "b1_tps": b1, "b8_tps": b8})
+        x = results[-1]
+        print(f"{name}: ppl {x['perplexity']:.3f} kl {x['mean_kl']:.2e} top1 {x['top1']:.4f}", flush=True)
+
+    report_file = checkpoint / "train_report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    s = report.get("settings", {})
+    print(f"\n{checkpoint.name}: {s.get('architecture', '?')} {s.get('n_layer', '?')} layers, width "
+          f"{s.get('n_embd', '?')}, held-out {results[0]['tokens']} tokens scored (window {args.window}, stride "
+          f"{args.window // 2}); speed: greedy {args.new_tokens} new tokens, median of {args.repeats}, "
+          f"{os.cpu_count()} cores")
+    print("| row | perplexity | change | mean KL | p99 KL | top-1 | size MB | b1 tok/s | b8 tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for x in results:
+        print(f"| {x['row']} | {x['perplexity']:.3f} | {x['change_pct']:+.2f} % | {x['mean_kl']:.2e} | "
+              f"{x['p99_kl']:.2e} | {100 * x['top1']:.2f} % | {x['size_mb']:.1f} | {x['b1_tps']:.0f} | "
+              f"{x['b8_tps']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
