@@ -304,14 +304,18 @@ async def completions(request: Request) -> Response:
 async def _whole(job: _Completion, request: Request) -> Response:
     status = 200
     try:
-        left = len(job.choices)
+        left, checked = len(job.choices), time.monotonic()
         while left:
             try:
                 index, update = await asyncio.wait_for(job.queue.get(), _POLL_S)
             except asyncio.TimeoutError:
+                index, update = None, None
+            if time.monotonic() - checked >= _POLL_S:  # updates may come every step: check by the clock
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     status = 499  # client closed the request (nginx's convention), for the log and metrics
                     return Response(status_code=499)
+            if update is None:
                 continue
             if update.error:
                 status = ERROR_STATUS.get(update.error_kind, 500)

@@ -82,6 +82,18 @@ def test_a_client_that_disconnects_has_its_slot_freed_within_a_step(slow):
     assert re.search(r"status=499 prompt_tokens=1 completion_tokens=\d+", server.output())
 
 
+def test_a_non_streaming_client_that_gives_up_has_its_sequence_cancelled(slow):
+    server, _ = slow
+    body = {**LONG, "max_tokens": 100, "min_tokens": 100}  # 5 s of steps if never cancelled
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    gone = time.monotonic()
+    while _gauge(server, "gptexport_running_sequences") and time.monotonic() - gone < 10:
+        time.sleep(DELAY)
+    assert time.monotonic() - gone < 2.5  # noticed at the next disconnect poll (0.5 s), freed at the next step
+    assert _gauge(server, "gptexport_running_sequences") == 0
+
+
 def test_an_exception_in_one_request_fails_only_that_request(slow):
     server, model = slow
     api = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
