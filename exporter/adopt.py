@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import (CONFIG_FILE, GENERATION_CONFIG_FILE, MODEL_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE,
-                       TOKENIZER_FILE, Reporter, apply_shared_buffer_facts, describe_graph, open_session, publish,
-                       save_graph, staged, to_shared_buffer, write_tokenizer_files, EXTERNAL_DATA_THRESHOLD)
+from .artifact import (CONFIG_FILE, EXTERNAL_DATA_THRESHOLD, GENERATION_CONFIG_FILE, MODEL_FILE, SPECIAL_TOKENS_FILE,
+                       TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Reporter, add_logits_to_keep_input,
+                       apply_shared_buffer_facts, describe_graph, open_session, publish, save_graph, staged,
+                       to_shared_buffer, write_tokenizer_files)
 from .presets import ExportError
 
 STEPS = ["check", "passes", "save", "validate", "finish"]
@@ -31,6 +32,7 @@ DTYPES = ("float32", "float16", "int8", "int4")
 _COPIED = ("vocab.json", "merges.txt")  # the slow tokenizer's files, when the export has them
 _ONNX_TYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}
 _FLOATS = ("float32", "float16")
+LOGITS_TO_KEEP = "logits_to_keep"  # graphs/last_logits.py: the runtime asks for the last position's logits only
 
 
 @dataclass
@@ -95,6 +97,9 @@ def graph_problems(graph, facts: dict) -> list[str]:
             _check_value(problems, "output", present, outputs, _FLOATS, 4, heads)
             expected_in.add(past)
             expected_out.add(present)
+    if LOGITS_TO_KEEP in inputs:  # optional (an export of ours has it, with a default): an int64 scalar
+        _check_value(problems, "input", LOGITS_TO_KEEP, inputs, ("int64",), 0)
+        expected_in.add(LOGITS_TO_KEEP)
     problems += [f"input {n!r} is not part of the contract (a merged decoder's branch flag? export with "
                  f"--task text-generation-with-past, not merged)" for n in inputs if n not in expected_in]
     kv = {inputs[n][0] for n in inputs if n.startswith("past_key_values.")} | \
@@ -332,6 +337,11 @@ def _passes(ir_model, architecture, facts, opts: AdoptOptions, source_dtype: str
     passes = run_passes(ir_model, architecture.name, facts, fuse=opts.fuse, dtype=precision, strict=opts.strict)
     passes["precision"] = dtype
     shared = to_shared_buffer(ir_model) if opts.kv_layout == "shared_buffer" else None
+    if shared is None and not any(v.name == LOGITS_TO_KEEP for v in ir_model.graph.inputs):
+        try:  # as the exporter does for the default graph; Optimum and other callers feed nothing and get all
+            add_logits_to_keep_input(ir_model)
+        except ExportError as err:  # an optimisation of prefill memory, not a requirement: say why it is missing
+            passes.setdefault("skipped", {})[LOGITS_TO_KEEP] = str(err)
     return passes, dtype, shared
 
 

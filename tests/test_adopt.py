@@ -120,7 +120,7 @@ def test_graph_problems_name_the_wrong_value(optimum_dir, tmp_path):
     graph = onnx.load(str(source / "model.onnx"), load_external_data=False).graph
     facts = {"num_layers": 2, "num_heads": 4, "head_size": 16, "vocab_size": 50257}
     assert graph_problems(graph, facts) == []
-    graph.input[-1].name = "past_key_values.1.velue"
+    next(v for v in graph.input if v.name == "past_key_values.1.value").name = "past_key_values.1.velue"
     problems = graph_problems(graph, {**facts, "num_layers": 3})
     assert "input 'past_key_values.1.value' is missing" in problems
     assert "input 'past_key_values.2.key' is missing" in problems and "output 'present.2.key' is missing" in problems
