@@ -43,6 +43,7 @@ class ExportOptions:
     int8_kernel: str = "nbits"
     keep_8bit: tuple = ()
     calibration: tuple = ()
+    validation_text: list[str] | None = None  # files whose text the validation scores (None: the model's samples)
 
 
 @dataclass
@@ -77,6 +78,10 @@ def check_options(opts: ExportOptions) -> None:
     for name in opts.calibration:
         if not Path(name).is_file():
             raise ExportError(f"--calibration {name!r}: no such file; pass text files to calibrate on")
+    if opts.validation_text:
+        from .validate import validation_texts
+
+        validation_texts(opts)  # an unreadable file is refused before any work
     if opts.kv_layout == "shared_buffer" and not opts.fuse:
         raise ExportError("--kv-layout shared_buffer cannot be combined with --no-fuse: the in-place KV cache "
                           "rewrites the fused attention (drop --no-fuse, or use --kv-layout concat)")
@@ -88,10 +93,10 @@ def _validate(loaded, facts: dict, opts: ExportOptions, staging: Path, manifest:
     # validation pads with it and forces min_new_tokens; a model without eos (None) pads with its pad id
     eos = next((t for t in (special["eos_token_id"], special["pad_token_id"]) if t is not None), 0)
     if loaded.weights is None:
-        from .validate import validate
+        from .validate import validate, validation_texts
 
         result = validate(loaded.model, facts, loaded.tokenizer, str(staging), open_session(staging), opts.dtype,
-                          eos, manifest=manifest)
+                          eos, manifest=manifest, texts=validation_texts(opts))
         result["method"] = "full: this artifact against its torch model"
         return result
     from .validate import validate_streamed
@@ -103,16 +108,17 @@ def failed_checks(v: dict) -> str:
     """The checks a failed validation failed, with their figures: never only figures that are within limits."""
     where = f" of the reduced {v['reduced_config']['num_layers']}-layer export" if "reduced_config" in v else ""
     failed = []
-    if v.get("logits_max_abs_diff", 0.0) > v.get("logits_tolerance", float("inf")):
+    if "failed_checks" in v:  # the validator judged its own figures (exporter/validate.py: judge)
+        failed += [f"{c}{where}" for c in v["failed_checks"]]
+    elif v.get("logits_max_abs_diff", 0.0) > v.get("logits_tolerance", float("inf")):
         failed.append(f"logits max abs diff{where} {v['logits_max_abs_diff']:.3g} above the tolerance "
                       f"{v['logits_tolerance']}")
-    if v.get("greedy_agreement", 1.0) < v.get("min_greedy_agreement", 0.0):
+    if "failed_checks" not in v and v.get("greedy_agreement", 1.0) < v.get("min_greedy_agreement", 0.0):
         failed.append(f"greedy agreement{where} {v['greedy_agreement']:.3f} below the required "
                       f"{v['min_greedy_agreement']}")
     structural = v.get("structural") or {}
     if structural.get("passed") is False:
         failed.append("structural check of the artifact: " + "; ".join(structural.get("problems") or ["failed"]))
-    failed += [str(c) for c in v.get("failed_checks", [])]  # checks a validator names itself
     return "; ".join(failed) or f"a check not named in the result ({', '.join(sorted(v))})"
 
 

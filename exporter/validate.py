@@ -19,9 +19,10 @@ import torch
 from .presets import ExportError
 from .trace import FlatDecoder, example_inputs, input_names, output_names
 
-# Named tolerances per precision (largest |logits difference| against torch fp32; fraction of greedy tokens equal
-# to torch's before the first divergence), measured and explained in graphs/precision/__init__.py.
-from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT  # noqa: E402
+# Named limits per precision (distributions on text; logits in units of their spread; greedy tokens), measured on
+# trained checkpoints and explained in graphs/precision/__init__.py.
+from gptexport.graphs.precision import (LOGITS_ATOL, MIN_GREEDY_AGREEMENT, QUALITY_LIMITS,  # noqa: E402
+                                        TOP1_TIE_PROBABILITY)
 VALIDATION_PROMPTS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog because",
@@ -52,7 +53,7 @@ def logits_check(model, facts: dict, session, manifest: dict | None = None) -> d
     layers = facts["num_layers"]
     wrapper = FlatDecoder(model).eval()
     cases = [example_inputs(facts), example_inputs(facts, batch=1, seq=9, past=0)]
-    worst_logits, worst_kv, largest = 0.0, 0.0, 0.0
+    worst_logits, worst_kv, largest, seen = 0.0, 0.0, 0.0, []
     for args in cases:
         with torch.no_grad():
             ref = [t.float().numpy() for t in wrapper(*args)]
@@ -60,11 +61,19 @@ def logits_check(model, facts: dict, session, manifest: dict | None = None) -> d
         real = args[1][:, -args[0].shape[1]:].numpy().astype(bool)  # logits of pad positions mean nothing
         worst_logits = max(worst_logits, float(np.abs(got[0].astype(np.float32) - ref[0])[real].max()))
         largest = max(largest, float(np.abs(ref[0][real]).max()))
+        seen.append(ref[0][real])
         for g, r in zip(got[1:], ref[1:]):
             worst_kv = max(worst_kv, float(np.abs(g.astype(np.float32) - r).max()))
     return {"logits_max_abs_diff": worst_logits, "present_max_abs_diff": worst_kv, "max_abs_logit": largest,
-            "logits_max_rel_diff": worst_logits / max(largest, 1e-12),
+            "logits_max_rel_diff": worst_logits / max(largest, 1e-12), **_scale(worst_logits, seen),
             "logits_cases": ["batch 2, seq 3, past 4, row 0 left-padded", "batch 1, seq 9, no past"]}
+
+
+def _scale(worst: float, logits: list) -> dict:
+    """The logits' spread (std over the vocabulary, averaged over positions) and the worst difference in its units:
+    trained logits are tens apart where random ones are hundredths, so only this ratio compares across models."""
+    std = float(np.mean([row.std() for block in logits for row in block.reshape(-1, block.shape[-1])]))
+    return {"logits_std": std, "logits_max_abs_diff_over_std": worst / max(std, 1e-12)}
 
 
 # shared_buffer: prompt lengths of each case (a left-padded batch when several), then DECODE_STEPS more tokens
@@ -97,7 +106,7 @@ def shared_logits_check(model, facts: dict, session, manifest: dict) -> dict:
     decoder = Decoder(session, "cpu", manifest)
     wrapper = FlatDecoder(model).eval()
     presents = output_names(facts["num_layers"])[1:]
-    worst_logits, worst_kv, largest = 0.0, 0.0, 0.0
+    worst_logits, worst_kv, largest, seen = 0.0, 0.0, 0.0, []
     for lengths in SHARED_CASES:
         ids, mask, positions = _left_padded(facts, lengths, DECODE_STEPS)
         no_past = example_inputs(facts, batch=len(lengths), past=0)[3:]  # (B, nh, 0, hs) each
@@ -114,13 +123,14 @@ def shared_logits_check(model, facts: dict, session, manifest: dict) -> dict:
             want = ref[0][:, width - 1 + k]
             worst_logits = max(worst_logits, float(np.abs(logits[:, 0].astype(np.float32) - want).max()))
             largest = max(largest, float(np.abs(want).max()))
+            seen.append(want)
         for past, present in decoder.pairs:
             buffer = cache.buffers[past].numpy().astype(np.float32)  # (B, nh, capacity, hs), right-aligned rows
             for b, n in enumerate(cache.lengths.tolist()):
                 diff = np.abs(buffer[b, :, :n] - ref_kv[present][b, :, total - n:]).max()
                 worst_kv = max(worst_kv, float(diff))
     return {"logits_max_abs_diff": worst_logits, "present_max_abs_diff": worst_kv, "max_abs_logit": largest,
-            "logits_max_rel_diff": worst_logits / max(largest, 1e-12),
+            "logits_max_rel_diff": worst_logits / max(largest, 1e-12), **_scale(worst_logits, seen),
             "logits_cases": [f"shared_buffer through runtime/kv.py: batch {len(c)}, prompt lengths "
                              f"{'/'.join(map(str, c))}{' left-padded' if len(c) > 1 else ''}, prefill + "
                              f"{DECODE_STEPS} decode steps" for c in SHARED_CASES],
@@ -178,26 +188,155 @@ def greedy_check(model, tokenizer, artifact_dir: str, eos: int, manifest: dict |
             "greedy_tie_tolerance": tie_tolerance, "greedy_cases": rows}
 
 
+# ---- next-token distributions on text -----------------------------------------------------------------------------
+
+# Without a text from the user, the fp32 torch model's own samples (seeded): text the model finds plausible, in its
+# own domain, with no file to ship (self-generated validation text, as in self-calibration, arXiv 2410.17170).
+SAMPLES, SAMPLE_TOKENS, SAMPLE_SEED = 4, 96, 0
+TEXT_TOKENS, TEXT_WINDOW = 1024, 256  # of a user's text: the first TEXT_TOKENS, in windows of up to TEXT_WINDOW
+
+
+def self_samples(model, eos: int, max_positions: int, seed: int = SAMPLE_SEED) -> list[np.ndarray]:
+    """SAMPLES sequences sampled (temperature 1, no top-k/top-p) from torch after <|endoftext|>, seeded."""
+    length = min(SAMPLE_TOKENS, max_positions)
+    start = torch.full((SAMPLES, 1), eos, dtype=torch.long)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's RNG state is left as it was
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
+                             top_p=1.0, temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                             pad_token_id=eos, eos_token_id=None)
+    return [row.numpy() for row in out]
+
+
+def text_windows(tokenizer, texts: list[str], max_positions: int) -> list[np.ndarray]:
+    """The first TEXT_TOKENS tokens of the user's texts, each text cut into windows of up to TEXT_WINDOW tokens."""
+    width, rows, budget = min(TEXT_WINDOW, max_positions), [], TEXT_TOKENS
+    for text in texts:
+        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)[:budget]
+        rows += [ids[i:i + width] for i in range(0, len(ids), width) if len(ids[i:i + width]) >= 2]
+        budget -= len(ids)
+        if budget <= 0:
+            break
+    if not rows:
+        raise ExportError("--validation-text has fewer than 2 tokens: give a text of a few hundred words")
+    return rows
+
+
+def distribution_check(model, artifact, rows: list[np.ndarray], tie_probability: float) -> dict:
+    """Next-token distributions of the artifact against torch at every position of `rows` (no past).
+
+    Args:
+        artifact: the loaded runtime Model.
+        rows: token windows (T,), each scored at its T - 1 next-token predictions.
+        tie_probability: a top-1 disagreement where torch's probabilities of the two tokens differ by at most this
+            is a tie (random weights' distributions are nearly flat), counted as agreeing in `top1_agreement`.
+    Returns:
+        kl_mean / kl_p99 / kl_max of KL(torch || artifact) in nats, top1_agreement (ties excused) and
+        top1_agreement_strict, perplexity of both on the rows' tokens and perplexity_change (artifact / torch - 1).
+    """
+    from gptexport.runtime.perplexity import window_logits
+
+    kls, agree, strict, nll_ref, nll_ours, count = [], 0, 0, 0.0, 0.0, 0
+    for row in rows:
+        with torch.no_grad():
+            ids = torch.as_tensor(row)[None]
+            ref = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1]
+                                    .double(), -1)  # (T-1, V)
+        ours = torch.log_softmax(torch.as_tensor(window_logits(artifact, row, len(row) - 1)).double(), -1)
+        target = torch.as_tensor(row[1:])
+        kls.append((ref.exp() * (ref - ours)).sum(-1).clamp_min(0.0))
+        top_ref, top_ours = ref.argmax(-1), ours.argmax(-1)
+        same = top_ref == top_ours
+        gap = ref.exp().gather(-1, top_ref[:, None])[:, 0] - ref.exp().gather(-1, top_ours[:, None])[:, 0]
+        strict += int(same.sum())
+        agree += int((same | (gap <= tie_probability)).sum())
+        nll_ref -= float(ref.gather(-1, target[:, None]).sum())
+        nll_ours -= float(ours.gather(-1, target[:, None]).sum())
+        count += len(target)
+    kl = torch.cat(kls).numpy()
+    ppl_ref, ppl_ours = float(np.exp(nll_ref / count)), float(np.exp(nll_ours / count))
+    return {"tokens": count, "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+            "kl_max": float(kl.max()), "top1_agreement": agree / count, "top1_agreement_strict": strict / count,
+            "top1_tie_probability": tie_probability, "perplexity_torch": ppl_ref, "perplexity": ppl_ours,
+            "perplexity_change": ppl_ours / ppl_ref - 1.0}
+
+
+def judge(result: dict, dtype: str) -> list[str]:
+    """The checks `result` fails against the precision's limits (graphs/precision), each with its figures."""
+    limits, failed = QUALITY_LIMITS[dtype], []
+    d = result["distribution"]
+    if d["kl_mean"] > limits["kl_mean"]:
+        failed.append(f"mean KL divergence {d['kl_mean']:.3g} above the {dtype} limit {limits['kl_mean']:g}")
+    if d["top1_agreement"] < limits["top1_agreement"]:
+        failed.append(f"top-1 agreement {d['top1_agreement']:.4f} below the {dtype} limit "
+                      f"{limits['top1_agreement']:g}")
+    if abs(d["perplexity_change"]) > limits["perplexity_change"]:
+        failed.append(f"perplexity change {d['perplexity_change'] * 100:+.3f} % beyond the {dtype} limit "
+                      f"{limits['perplexity_change'] * 100:g} %")
+    if result["logits_max_abs_diff_over_std"] > limits["logits_max_abs_diff_over_std"]:
+        failed.append(f"logits max abs diff {result['logits_max_abs_diff']:.3g} = "
+                      f"{result['logits_max_abs_diff_over_std']:.3g} x the logits' std, above the {dtype} limit "
+                      f"{limits['logits_max_abs_diff_over_std']:g}")
+    if result["greedy_agreement"] < MIN_GREEDY_AGREEMENT[dtype]:
+        failed.append(f"greedy agreement {result['greedy_agreement']:.3f} below the required "
+                      f"{MIN_GREEDY_AGREEMENT[dtype]}")
+    return failed
+
+
+def validation_texts(opts) -> list[str] | None:
+    """The texts of opts.validation_text (--validation-text files), or None: the model's own samples then.
+
+    Raises:
+        ExportError: a file that cannot be read as UTF-8 text.
+    """
+    texts = []
+    for path in opts.validation_text or []:
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise ExportError(f"cannot read --validation-text {str(path)!r}: "
+                              f"{getattr(err, 'strerror', None) or err}; give a UTF-8 text file") from None
+    return texts or None
+
+
 def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: str, eos: int,
-             manifest: dict | None = None) -> dict:
-    """Run both checks and judge them against the precision's named tolerances.
+             manifest: dict | None = None, texts: list[str] | None = None) -> dict:
+    """Check the artifact against torch and judge it against the precision's named limits.
+
+    Three checks: next-token distributions on text (KL divergence, top-1 agreement, perplexity change; the user's
+    `texts`, or else the fp32 torch model's own seeded samples), the logits' largest difference in units of their
+    spread (and the presents'), on two input shapes, and greedy generation through the runtime.
 
     Returns:
-        the manifest's `validation` section (with `passed`).
+        the manifest's `validation` section (with `passed`, `limits` and `failed_checks`).
     Raises:
-        ExportError: never for a numeric failure: a failed validation is recorded and reported by the caller.
+        ExportError: a validation text with no tokens; never for a numeric failure: a failed validation is
+            recorded and reported by the caller.
     """
+    from gptexport import runtime
+
     result = {"reference": "torch float32 (transformers eager)", "new_tokens": NEW_TOKENS}
     result.update(logits_check(model, facts, session, manifest))
+    artifact = runtime.load(artifact_dir, verify="size", manifest=manifest)
+    if texts:
+        rows = text_windows(tokenizer, texts, facts["max_positions"])
+        source = f"the given validation text: {sum(len(r) for r in rows)} tokens in {len(rows)} windows"
+    else:
+        rows = self_samples(model, eos, facts["max_positions"])
+        source = (f"self-generated: {len(rows)} samples of {len(rows[0])} tokens from the fp32 torch model "
+                  f"(temperature 1, seed {SAMPLE_SEED})")
+    limits = QUALITY_LIMITS[dtype]
+    result["distribution"] = {"text": source, **distribution_check(model, artifact, rows, TOP1_TIE_PROBABILITY)}
     result.update(greedy_check(model, tokenizer, artifact_dir, eos, manifest, tie_tolerance=LOGITS_ATOL[dtype]))
     result["logits_tolerance"] = LOGITS_ATOL[dtype]
     result["min_greedy_agreement"] = MIN_GREEDY_AGREEMENT[dtype]
-    result["passed"] = bool(result["logits_max_abs_diff"] <= LOGITS_ATOL[dtype]
-                            and result["greedy_agreement"] >= MIN_GREEDY_AGREEMENT[dtype])
+    result["limits"] = {**limits, "min_greedy_agreement": MIN_GREEDY_AGREEMENT[dtype]}
+    result["failed_checks"] = judge(result, dtype)
+    result["passed"] = not result["failed_checks"]
     return result
 
 
-__all__ = ["validate", "ExportError", "LOGITS_ATOL", "MIN_GREEDY_AGREEMENT"]
+__all__ = ["validate", "ExportError", "LOGITS_ATOL", "MIN_GREEDY_AGREEMENT", "QUALITY_LIMITS"]
 
 
 # ---- models too large to hold twice (streamed exports) -----------------------------------------------------------
@@ -207,7 +346,9 @@ STREAMED_METHOD = ("reduced: the same code path (empty-parameter trace, streamed
                    "with external data) exported for a reduced config of the same architecture ({layers} layers, "
                    "{heads} heads of the same head size, same rotary_dim, vocab and positions) with seeded random "
                    "weights and fully validated against torch; plus a structural check of this artifact (I/O names, "
-                   "fusion counts, every external tensor's length and place in the data file)")
+                   "fusion counts, every external tensor's length and place in the data file), and this artifact's "
+                   "next-token distributions on {prompts} prompts against torch fp32 streamed block by block from "
+                   "the checkpoint (full_artifact)")
 
 
 def reduced_config(config):
@@ -223,11 +364,125 @@ def reduced_config(config):
     return small
 
 
+class StreamedReference:
+    """torch float32 forward of a model whose weights are not in memory: each transformer block's parameters are
+    read from the checkpoint just before the block runs and dropped after it, so at most one block (plus the
+    embeddings and the head) is resident: about 2.5 GB for GPT-J-6B instead of 24.
+
+    Args:
+        model: the streamed export's model (empty parameters, real buffers: exporter/stream.py `empty_model`).
+        weights: where its weights are (SafetensorsWeights or RandomWeights).
+    """
+
+    def __init__(self, model, weights):
+        from . import stream
+
+        self.model, self.weights = model, weights
+        self.aliases = stream.parameter_aliases(model)
+        self.blocks = list(model.base_model.h)
+
+    def _load(self, modules: list) -> list:
+        """Put real parameters into each (name, module)'s own parameters (tied ones read once); returns what to
+        restore."""
+        from . import stream
+
+        saved, made = [], {}
+        for name, sub in modules:
+            for leaf, param in list(sub._parameters.items()):
+                if param is None:
+                    continue
+                if id(param) not in made:
+                    key = stream.checkpoint_name(f"{name}.{leaf}" if name else leaf, self.weights, self.aliases)
+                    made[id(param)] = torch.nn.Parameter(torch.from_numpy(np.asarray(self.weights.read(key),
+                                                                                     np.float32)),
+                                                         requires_grad=False)
+                saved.append((sub, leaf, param))
+                sub._parameters[leaf] = made[id(param)]
+        return saved
+
+    @staticmethod
+    def _restore(saved: list) -> None:
+        for sub, leaf, param in saved:
+            sub._parameters[leaf] = param
+
+    def logits(self, ids: np.ndarray) -> torch.Tensor:
+        """(T, vocab) float32 logits of one row of token ids (no past)."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        inside = {id(m): block for block in self.blocks for m in block.modules()}
+        outside = self._load([(n, m) for n, m in self.model.named_modules() if id(m) not in inside])
+        hooks = []
+        for block in self.blocks:
+            held, modules = {}, [(names[id(m)], m) for m in block.modules()]
+            hooks.append(block.register_forward_pre_hook(
+                lambda mod, args, modules=modules, held=held: held.__setitem__("saved", self._load(modules))))
+            hooks.append(block.register_forward_hook(
+                lambda mod, args, out, held=held: self._restore(held.pop("saved"))))
+        try:
+            with torch.no_grad():
+                row = torch.as_tensor(ids)[None]
+                return self.model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0].float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._restore(outside)
+
+
+STREAMED_PROMPTS = VALIDATION_PROMPTS
+
+
+def streamed_full_check(loaded, artifact: Path, manifest: dict, dtype: str) -> dict:
+    """The big artifact itself against a torch reference streamed block by block (StreamedReference), on
+    STREAMED_PROMPTS: next-token distributions at every prompt position and the logits' worst difference."""
+    from gptexport import runtime
+    from gptexport.runtime.perplexity import window_logits
+
+    reference = StreamedReference(loaded.model, loaded.weights)
+    model = runtime.load(artifact, verify="size", manifest=manifest)
+    kls, agree, strict, worst, stds, count = [], 0, 0, 0.0, [], 0
+    for prompt in STREAMED_PROMPTS:
+        ids = np.asarray(loaded.tokenizer.encode(prompt).ids, dtype=np.int64)
+        ref_logits = reference.logits(ids).numpy()
+        ours_logits = window_logits(model, ids, len(ids) - 1) if len(ids) > 1 else None
+        if ours_logits is None:
+            continue
+        ref_logits = ref_logits[:-1]  # the positions the artifact's window returns
+        worst = max(worst, float(np.abs(ours_logits.astype(np.float32) - ref_logits).max()))
+        stds += [float(r.std()) for r in ref_logits]
+        ref = torch.log_softmax(torch.as_tensor(ref_logits).double(), -1)
+        ours = torch.log_softmax(torch.as_tensor(ours_logits).double(), -1)
+        kls.append((ref.exp() * (ref - ours)).sum(-1).clamp_min(0.0))
+        top_ref, top_ours = ref.argmax(-1), ours.argmax(-1)
+        gap = ref.exp().gather(-1, top_ref[:, None])[:, 0] - ref.exp().gather(-1, top_ours[:, None])[:, 0]
+        strict += int((top_ref == top_ours).sum())
+        agree += int(((top_ref == top_ours) | (gap <= TOP1_TIE_PROBABILITY)).sum())
+        count += len(ref)
+    kl = torch.cat(kls).numpy()
+    std = float(np.mean(stds))
+    result = {"method": "this artifact against torch fp32 streamed block by block from the checkpoint, on "
+                        f"{len(STREAMED_PROMPTS)} prompts", "tokens": count, "kl_mean": float(kl.mean()),
+              "kl_max": float(kl.max()), "top1_agreement": agree / count, "top1_agreement_strict": strict / count,
+              "logits_max_abs_diff": worst, "logits_std": std, "logits_max_abs_diff_over_std": worst / max(std, 1e-12)}
+    limits, failed = QUALITY_LIMITS[dtype], []
+    if result["kl_mean"] > limits["kl_mean"]:
+        failed.append(f"full artifact: mean KL divergence {result['kl_mean']:.3g} above the {dtype} limit "
+                      f"{limits['kl_mean']:g}")
+    if result["top1_agreement"] < limits["top1_agreement"]:
+        failed.append(f"full artifact: top-1 agreement {result['top1_agreement']:.4f} below the {dtype} limit "
+                      f"{limits['top1_agreement']:g}")
+    if result["logits_max_abs_diff_over_std"] > limits["logits_max_abs_diff_over_std"]:
+        failed.append(f"full artifact: logits max abs diff {worst:.3g} = {result['logits_max_abs_diff_over_std']:.3g}"
+                      f" x the logits' std, above the {dtype} limit {limits['logits_max_abs_diff_over_std']:g}")
+    result["failed_checks"], result["passed"] = failed, not failed
+    return result
+
+
 def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict, eos: int) -> dict:
-    """Validate a streamed export without ever holding the model: see STREAMED_METHOD.
+    """Validate a streamed export without ever holding the model: see STREAMED_METHOD, plus this artifact itself
+    against a torch reference streamed block by block (`streamed_full_check`).
 
     Returns:
-        the manifest's `validation` section: the reduced export's full validation, `structural`, `method`.
+        the manifest's `validation` section: the reduced export's full validation, `full_artifact`, `structural`,
+        `method`.
     """
     import dataclasses
     import tempfile
@@ -246,11 +501,16 @@ def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict,
         reference = model_cls(config).eval()
         stream.materialise(reference, small.weights)
         result = validate(reference, small_facts, loaded.tokenizer, tmp, open_session(Path(tmp)), opts.dtype, eos,
-                          manifest=small_manifest)
+                          manifest=small_manifest, texts=validation_texts(opts))
     result["reduced_config"] = small_facts
     result["structural"] = structural_check(artifact, facts, manifest)
-    result["passed"] = bool(result["passed"] and result["structural"]["passed"])
-    result["method"] = STREAMED_METHOD.format(layers=small_facts["num_layers"], heads=small_facts["num_heads"])
+    if result["structural"]["passed"]:  # a structurally broken artifact may not even load
+        result["full_artifact"] = streamed_full_check(loaded, artifact, manifest, opts.dtype)
+        result["failed_checks"] = result["failed_checks"] + result["full_artifact"]["failed_checks"]
+    result["passed"] = bool(result["passed"] and result["structural"]["passed"]
+                            and result.get("full_artifact", {}).get("passed", False))
+    result["method"] = STREAMED_METHOD.format(layers=small_facts["num_layers"], heads=small_facts["num_heads"],
+                                              prompts=len(STREAMED_PROMPTS))
     return result
 
 

@@ -181,8 +181,8 @@ def perplexity_lines(result, reference=None) -> list:
         kl = result.kl
         lines += [f"reference:  {reference} perplexity {kl['reference_perplexity']:.4f}, ratio "
                   f"{kl['perplexity_ratio']:.5f} ({(kl['perplexity_ratio'] - 1) * 100:+.3f} %)",
-                  f"KL divergence (reference || model), nats per token: mean {kl['mean']:.6f}, median "
-                  f"{kl['median']:.6f}, p99 {kl['p99']:.6f}, p99.9 {kl['p99_9']:.6f}, max {kl['max']:.6f}",
+                  f"KL divergence (reference || model), nats per token: mean {kl['mean']:.3g}, median "
+                  f"{kl['median']:.3g}, p99 {kl['p99']:.3g}, p99.9 {kl['p99_9']:.3g}, max {kl['max']:.3g}",
                   f"top-1 agreement: {kl['top1_agreement'] * 100:.2f} %"]
     return lines
 
