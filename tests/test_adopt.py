@@ -78,7 +78,7 @@ def test_a_wrong_checkpoint_fails_validation_and_writes_nothing(optimum_dir, tmp
     other = tmp_path / "other"
     other.mkdir()
     make_checkpoint(other, "gpt2", seed=1)
-    with pytest.raises(ExportError, match="validation failed: against torch: logits max abs diff"):
+    with pytest.raises(ExportError, match="validation failed: against torch: .*logits max abs diff"):
         adopt(AdoptOptions(source=str(source), output=str(tmp_path / "out"), checkpoint=str(other)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
