@@ -95,8 +95,22 @@ def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, s
 @click.option("--cors-origin", multiple=True, help="Allow this browser origin (repeatable; default: no CORS).")
 @click.option("--max-body-bytes", type=click.IntRange(1, None), default=1 << 20, show_default=True,
               help="Larger request bodies get 413.")
-def serve_cmd(artifact, host, port, model_name, api_key, api_key_file, cors_origin, **settings):
-    """Serve ARTIFACT over an OpenAI-compatible HTTP API (needs the `serve` extra)."""
+@click.option("--manifest-sha256", "manifest_sha256", default=None, metavar="HEX",
+              help="Refuse the artifact unless its manifest.json has this sha256 (every replica, with --ray).")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve as Ray Serve replicas behind Ray's HTTP proxy "
+              "(needs the `ray` extra).")
+@click.option("--replicas", type=click.IntRange(1, 1024), default=None, help="With --ray: replicas (default 1).")
+@click.option("--replica-cpus", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="With --ray: CPUs Ray reserves per replica (default 1); --threads defaults to it.")
+@click.option("--ray-address", envvar="RAY_ADDRESS", default=None, show_envvar=True,
+              help="With --ray: join this cluster instead of starting a local Ray instance.")
+def serve_cmd(artifact, host, port, model_name, api_key, api_key_file, cors_origin, use_ray, replicas,
+              replica_cpus, ray_address, **settings):
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (needs the `serve` extra; --ray: the `ray` extra)."""
+    if not use_ray:
+        given = [name for name, value in (("--replicas", replicas), ("--replica-cpus", replica_cpus)) if value]
+        if given:
+            raise GptexportError(f"{', '.join(given)} can only be used with --ray")
     try:
         from .serve import ServeConfig, serve
     except ImportError as e:
@@ -114,10 +128,22 @@ def serve_cmd(artifact, host, port, model_name, api_key, api_key_file, cors_orig
         raise GptexportError("the API key is empty; pass a non-empty --api-key or none")
     config = ServeConfig(artifact=str(artifact), model_name=model_name or Path(artifact).resolve().name,
                          api_key=api_key, cors_origins=list(cors_origin), **settings)
+    if use_ray:
+        return _serve_ray(config, host, port, replicas or 1, replica_cpus or 1, ray_address, api_key_file)
     try:
         return serve(config, host, port)
     except OSError as e:
         raise GptexportError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _serve_ray(config, host, port, replicas, replica_cpus, address, api_key_file) -> int:
+    try:
+        from .serve import ray_app
+    except ImportError as e:
+        raise GptexportError(f"gptrun serve --ray needs the ray extra ({e.name} is missing): "
+                             "pip install 'gptexport[ray]'") from None
+    key_file = str(api_key_file.resolve()) if api_key_file is not None else None  # read on each replica's node
+    return ray_app.run(config, host, port, replicas, replica_cpus, address, api_key_file=key_file)
 
 
 @cli.command("info")

@@ -59,6 +59,8 @@ class ServeConfig:
     drain_timeout: float = 30.0
     cors_origins: list = field(default_factory=list)
     max_body_bytes: int = 1 << 20
+    manifest_sha256: str | None = None  # refuse any other manifest.json (a deployment's replicas pin one)
+    verify: str = "auto"  # checksum policy at load (runtime.manifest); Ray replicas use "full"
 
 
 class Service:
@@ -89,7 +91,8 @@ class Service:
 
         try:
             self.model, self.kv_note = load_for_serving(self.config.artifact, self.config.provider,
-                                                        self.config.threads)
+                                                        self.config.threads, self.config.manifest_sha256,
+                                                        self.config.verify)
             self.token_text = TokenText(self.model.tokenizer)
             positions = self.model.max_positions
             self.context = min(self.config.context or positions, positions)

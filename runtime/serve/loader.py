@@ -14,15 +14,19 @@ from ..model import Model, load
 SHARED = "shared_buffer"
 
 
-def load_for_serving(artifact, provider: str = "cpu", threads: int | None = None) -> tuple[Model, str]:
+def load_for_serving(artifact, provider: str = "cpu", threads: int | None = None, manifest_sha256=None,
+                     verify: str = "auto") -> tuple[Model, str]:
     """Load `artifact` for the scheduler.
 
+    Args:
+        manifest_sha256: refuse the artifact unless its manifest.json has this sha256 (None: no pin).
+        verify: checksum policy ("auto", "full", "size"; see runtime.manifest).
     Returns:
         (the Model, a short note on its KV path for the startup line).
     Raises:
         ArtifactError, ProviderError: as `runtime.load`.
     """
-    model = load(artifact, provider, threads=threads)
+    model = load(artifact, provider, verify=verify, threads=threads, manifest_sha256=manifest_sha256)
     if model.manifest.get("kv_layout") == SHARED:
         return model, "kv shared_buffer: in place, one batched run per step"
     return model, ("kv concat: slower path, one run per sequence each step; for batching, re-export with "
