@@ -117,8 +117,8 @@ def _cases() -> list:
 
 def _alone(model, case) -> str:
     return model.generate(case["prompt"], max_new_tokens=case["max_tokens"], do_sample=case["temperature"] > 0,
-                          temperature=case["temperature"], top_k=0, top_p=case.get("top_p", 1.0),
-                          repetition_penalty=1.0, seed=case.get("seed"))  # the API's defaults, not the artifact's
+                          temperature=case["temperature"], top_p=case.get("top_p"),
+                          seed=case.get("seed"))  # a setting left out: the artifact's default, in both
 
 
 def test_replicas_give_what_runtime_generate_gives(ray_served):
