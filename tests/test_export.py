@@ -51,7 +51,10 @@ def test_manifest_describes_the_graph(tiny_export, name):
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     layers = manifest["config"]["num_layers"]
     assert [i.name for i in session.get_inputs()] == input_names(layers)
-    assert [i["name"] for i in manifest["inputs"]] == input_names(layers)
+    # logits_to_keep (graphs/last_logits.py) is an optional input backed by an initializer: onnxruntime lists it
+    # among the overridable initializers, the manifest among the inputs, after the required ones.
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    assert [i["name"] for i in manifest["inputs"]] == input_names(layers) + ["logits_to_keep"]
     assert [o.name for o in session.get_outputs()] == ["logits"] + [
         f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     config = json.loads((ckpt / "config.json").read_text())

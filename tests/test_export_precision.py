@@ -51,7 +51,7 @@ def test_precision_and_fusion_matrix(checkpoints, tmp_path, name, dtype, fuse):
     assert np.isfinite(v["logits_max_abs_diff"]) and np.isfinite(v["present_max_abs_diff"])
     assert m["dtype"] == dtype
     assert m["kv_dtype"] == ("float16" if dtype == "float16" else "float32")
-    assert m["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", m["outputs"][0]["shape"][2]]}
+    assert m["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "logits_sequence", m["outputs"][0]["shape"][2]]}
 
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
     layers = m["config"]["num_layers"]
