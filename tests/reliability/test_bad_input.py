@@ -135,8 +135,9 @@ def test_cuda_silently_falling_back_to_cpu_is_refused(fake_built, monkeypatch):
                         if p == "cuda" else ["CPUExecutionProvider"])
     real = session.ort.InferenceSession
     monkeypatch.setattr(session.ort, "InferenceSession",
-                        lambda path, sess_options=None, providers=None: real(path, sess_options,
-                                                                             providers=["CPUExecutionProvider"]))
+                        # a CPU-only session, made whatever was asked (the strict no-fallback option included)
+                        lambda path, sess_options=None, providers=None, **kwargs: real(
+                            path, providers=["CPUExecutionProvider"]))
     with pytest.raises(ProviderError, match="could not use CUDAExecutionProvider"):
         runtime.model.load(fake_built, provider="cuda")
 

@@ -32,7 +32,7 @@ class Payload:
 def _config(directory: Path, **extra) -> None:
     from transformers import GPT2Config
 
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=300).to_dict()
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=50257).to_dict()
     config.update(extra)
     (directory / "config.json").write_text(json.dumps(config))
 
@@ -40,7 +40,7 @@ def _config(directory: Path, **extra) -> None:
 def _tokenizer(directory: Path) -> None:
     from gptexport.exporter.tokenizer import gpt2_tokenizer
 
-    gpt2_tokenizer(300).save(str(directory / "tokenizer.json"))
+    gpt2_tokenizer().save(str(directory / "tokenizer.json"))
 
 
 @pytest.mark.parametrize("form", ["torch.save zip", "legacy pickle"])
@@ -51,7 +51,7 @@ def test_pickle_payload_in_pytorch_model_bin_never_runs(tmp_path, form):
     ckpt.mkdir()
     _config(ckpt)
     _tokenizer(ckpt)
-    weights = {"transformer.wte.weight": Payload(marker), "lm_head.weight": torch.zeros(300, 16)}
+    weights = {"transformer.wte.weight": Payload(marker), "lm_head.weight": torch.zeros(50257, 16)}
     if form == "torch.save zip":
         torch.save(weights, ckpt / "pytorch_model.bin")
     else:
