@@ -78,8 +78,14 @@ def test_exporter_and_conversion_describe_the_variant_alike(shared_export, tiny_
     assert convert_to_shared_buffer(default_dir, tmp_path / "converted") == 2
     converted = json.loads((tmp_path / "converted" / "manifest.json").read_text())
     direct = shared_export("gpt2")[1].manifest
-    for key in ("kv_layout", "inputs", "outputs"):
+    for key in ("kv_layout", "outputs"):
         assert converted[key] == direct[key], key
+    # A converted default artifact keeps its optional logits_to_keep input (graphs/last_logits.py: an initializer
+    # with default 0; the shared_buffer graph already returns each row's last position only); otherwise the
+    # inputs are the direct export's, in its order.
+    extra = [i for i in converted["inputs"] if i["name"] == "logits_to_keep"]
+    assert extra == [{"name": "logits_to_keep", "dtype": "int64", "shape": []}]
+    assert [i for i in converted["inputs"] if i["name"] != "logits_to_keep"] == direct["inputs"]
     assert converted["passes"]["counts"] == direct["passes"]["counts"]
 
 
