@@ -1,11 +1,15 @@
 """Continuous batching: one loop owns the KV slots and runs one decode step over every running sequence.
 
 ```
- submit ──▶ waiting (bounded) ──admit──▶ prefill into the lowest free slot ──▶ running ◀─┐
+ submit ──▶ waiting (bounded) ──admit──▶ prefill into the lowest free slots ─▶ running ◀─┐
                                                                                  │       │
                                     one decode step over all running slots ─────┴───────┘
                                     a finished / cancelled / timed-out sequence leaves at once; its slot is reused
 ```
+
+Sequences admitted in the same step on consecutive slots are prefilled in one run when the cache can (the in-place
+`SlotCache`: right-padded prompts, one graph call): a burst of requests reaches its first tokens sooner than with
+one prefill run each.
 
 Each sequence keeps its own settings (greedy or sampling, its own seeded RNG, stop strings, max_new_tokens) and
 goes through `Model._advance`, the very step `Model.generate` runs (one sampling, one stop-string implementation),
@@ -218,8 +222,8 @@ class Scheduler:
                     seq.slot = heapq.heappop(self._free)
                     self._running[seq.slot] = seq
                     admitted.append(seq)
-            for seq in admitted:
-                self._prefill(seq)
+            for group in _prefill_groups(admitted, hasattr(self.cache, "prefill_many")):
+                self._prefill(group)
             if self._running:
                 self._decode()
 
@@ -246,14 +250,25 @@ class Scheduler:
         if update is not None:
             self._send(seq, update)
 
-    def _prefill(self, seq: Sequence) -> None:
-        seq.admitted = time.perf_counter()
-        if self.observer:
-            self.observer.admitted(seq.admitted - seq.submitted)
-        try:
-            self._advance(seq, self.cache.prefill(seq.slot, seq.row.prompt))
-        except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
-            self._fail(seq, e)
+    def _prefill(self, group: list) -> None:
+        """Prefill sequences that hold consecutive slots, in one run when there are several (a failure then
+        retries them one at a time, so that it fails only the sequence that causes it)."""
+        now = time.perf_counter()
+        for seq in group:
+            seq.admitted = now
+            if self.observer:
+                self.observer.admitted(seq.admitted - seq.submitted)
+        rows = None
+        if len(group) > 1:
+            try:
+                rows = self.cache.prefill_many(group[0].slot, [seq.row.prompt for seq in group])
+            except Exception:  # noqa: BLE001 - find the failing sequence: prefill each alone
+                rows = None
+        for i, seq in enumerate(group):
+            try:
+                self._advance(seq, rows[i] if rows is not None else self.cache.prefill(seq.slot, seq.row.prompt))
+            except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
+                self._fail(seq, e)
 
     def _decode(self) -> None:
         if self.step_delay:
@@ -337,6 +352,30 @@ class Scheduler:
             seq.on_update(update)
         except Exception:  # noqa: BLE001 - a broken listener must not stop the loop
             log.exception("update listener failed")
+
+
+PREFILL_TOKENS = 4096  # padded prompt tokens in one prefill run at most
+
+
+def _prefill_groups(admitted: list, batched: bool) -> list:
+    """Split sequences just given slots into runs of consecutive slots to prefill together (one run each when the
+    cache cannot batch a prefill). A run stops where its padding would more than double its tokens or it would
+    pass PREFILL_TOKENS, so one long prompt does not make short ones pay for its length."""
+    if not batched:
+        return [[seq] for seq in admitted]
+    groups: list = []
+    for seq in sorted(admitted, key=lambda s: s.slot):
+        n = len(seq.row.prompt)
+        if groups:
+            group = groups[-1]
+            longest = max(n, max(len(s.row.prompt) for s in group))
+            real = n + sum(len(s.row.prompt) for s in group)
+            padded = longest * (len(group) + 1)
+            if group[-1].slot + 1 == seq.slot and padded <= min(2 * real, PREFILL_TOKENS):
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups
 
 
 def _top(logits: np.ndarray, k: int) -> tuple:

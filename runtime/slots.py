@@ -6,6 +6,7 @@ first request. GroupQueryAttention writes each row's new K/V at slot `seqlens_k[
 
 ```
  prefill of a new sequence into slot s:  bind rows [s, s+1) of every buffer, ids (1, L), seqlens_k = L-1
+ prefill of new sequences in slots [s, e): bind rows [s, e), ids (e-s, L) right-padded, seqlens_k = L_b-1 each
  decode step of the running slots:       bind rows [lo, hi) (lowest to highest running slot), ids (hi-lo, 1)
                                           free rows inside [lo, hi) are fed a pad token at position 0 (their
                                           slot 0 is scratch until a prefill rewrites it); their logits are dropped
@@ -74,6 +75,30 @@ class SlotCache:
         logits = self._run(slot, 1, feeds)
         self.lengths[slot] = n
         return logits[0, -1]
+
+    def prefill_many(self, first: int, prompts: list) -> np.ndarray:
+        """Write several prompts' K/V into the consecutive slots `first`, `first + 1`, ... in one run.
+
+        The prompts are right-padded to the longest (GroupQueryAttention takes a right-padded first prompt: each
+        row's `seqlens_k` is its own length - 1, and its pad positions are rewritten by its first decode step);
+        each row's logits are read at its own last position. Returns (len(prompts), vocab).
+        """
+        lengths = np.array([len(ids) for ids in prompts], dtype=np.int64)
+        longest = int(lengths.max())
+        if longest > self.context:
+            raise ValueError(f"prompt of {longest} tokens does not fit a slot of {self.context} positions")
+        count = len(prompts)
+        ids = np.full((count, longest), self.decoder.pad_token_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = prompt
+        feeds = {"input_ids": ids,
+                 "position_ids": np.broadcast_to(np.arange(longest, dtype=np.int64), ids.shape).copy(),
+                 "seqlens_k": (lengths - 1).astype(np.int32),
+                 "total_sequence_length": np.array(longest, dtype=np.int32),
+                 "logits_index": lengths - 1}
+        logits = self._run(first, count, feeds)  # (count, 1, vocab)
+        self.lengths[first:first + count] = lengths
+        return logits[:, -1]
 
     def decode(self, slots: list, tokens: list) -> np.ndarray:
         """One step of the sequences in `slots` (each fed its token); returns (len(slots), vocab) logits.

@@ -25,7 +25,7 @@ def model(request, serve_artifacts):
     return runtime.load(shared if request.param == "shared" else concat)
 
 
-def _run(scheduler, model, cases):
+def _run(scheduler, model, cases, together=False):
     results, done = [None] * len(cases), threading.Semaphore(0)
     seqs = []
     for i, (prompt, kwargs) in enumerate(cases):
@@ -41,7 +41,9 @@ def _run(scheduler, model, cases):
 
         seqs.append(Sequence(model.tokenizer.encode(prompt).ids, params, kwargs.get("stop", []),
                              kwargs.get("seed"), model.eos_token_id, on_update=on_update))
-    for seq in seqs:  # one by one: later ones join a running batch
+    if together:  # one request of many choices: admitted at once, prefilled together
+        scheduler.submit(seqs)
+    for seq in seqs if not together else ():  # one by one: later ones join a running batch
         scheduler.submit([seq])
     for _ in cases:
         assert done.acquire(timeout=60)
@@ -102,3 +104,64 @@ def test_the_cache_is_allocated_at_start_and_sized_from_slots_and_context(serve_
     per_row = 2 * config["num_layers"] * config["num_heads"] * 32 * config["head_size"] * 4  # fp32 K and V
     assert cache.nbytes == cache_bytes(decoder, 4, 32) == 4 * per_row
     assert sum(b.nbytes for b in cache._keep.values()) == cache.nbytes
+
+
+def test_sequences_admitted_together_share_one_prefill_and_give_what_they_give_alone(model):
+    """A burst of prompts of mixed lengths on consecutive slots: the in-place cache prefills them in one
+    right-padded run (ConcatSlots one by one); every sequence still gives what it gives alone."""
+    cache = make_slots(model.decoder, 6, 64)
+    runs = []
+    if hasattr(cache, "prefill_many"):
+        batched = cache.prefill_many
+        cache.prefill_many = lambda first, prompts: runs.append(len(prompts)) or batched(first, prompts)
+    scheduler = Scheduler(model, cache, max_queue=8)
+    cases = [(PROMPTS[i % 4] + " and" * i, {"max_new_tokens": 6 + i, "do_sample": bool(i % 2), "seed": i,
+                                            "temperature": 1.0, "top_k": 0})
+             for i in range(6)]
+    scheduler.start()
+    try:
+        results = _run(scheduler, model, cases, together=True)
+    finally:
+        scheduler.close()
+    for (prompt, kwargs), (text, _, error) in zip(cases, results):
+        assert error is None and text == model.generate(prompt, **kwargs), (prompt, kwargs)
+    if model.decoder.shared:
+        assert runs and max(runs) > 1, runs  # at least one run prefilled several prompts
+
+
+def test_a_batched_prefill_writes_what_one_at_a_time_writes(serve_artifacts):
+    _, shared = serve_artifacts("gpt2")
+    model = runtime.load(shared)
+    prompts = [model.tokenizer.encode(p).ids for p in PROMPTS]
+    one, many = SlotCache(model.decoder, 4, 32), SlotCache(model.decoder, 4, 32)
+    alone = np.stack([one.prefill(slot, ids) for slot, ids in enumerate(prompts)])
+    together = many.prefill_many(0, prompts)
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+    assert list(many.lengths) == list(one.lengths) == [len(ids) for ids in prompts]
+    tokens = [int(np.argmax(row)) for row in alone]  # the next step reads the cache each wrote
+    np.testing.assert_allclose(many.decode([0, 1, 2, 3], tokens), one.decode([0, 1, 2, 3], tokens),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        many.prefill_many(0, [[1] * 40])
+
+
+def test_prefill_groups_follow_consecutive_slots_and_bound_the_padding():
+    from gptexport.runtime.scheduler import PREFILL_TOKENS, _prefill_groups
+
+    def seqs(spec):
+        out = []
+        for slot, n in spec:
+            seq = Sequence([1] * n, SamplingParams.create(1, 0))
+            seq.slot = slot
+            out.append(seq)
+        return out
+
+    def slots(groups):
+        return [[s.slot for s in g] for g in groups]
+
+    assert slots(_prefill_groups(seqs([(2, 5), (0, 5), (1, 6)]), True)) == [[0, 1, 2]]
+    assert slots(_prefill_groups(seqs([(0, 5), (2, 5)]), True)) == [[0], [2]]  # a running slot between
+    assert slots(_prefill_groups(seqs([(0, 4), (1, 4), (2, 4), (3, 100)]), True)) == [[0, 1, 2], [3]]  # padding > 2x
+    big = PREFILL_TOKENS // 2
+    assert slots(_prefill_groups(seqs([(0, big), (1, big), (2, big)]), True)) == [[0, 1], [2]]
+    assert slots(_prefill_groups(seqs([(0, 5), (1, 5)]), False)) == [[0], [1]]
