@@ -11,6 +11,11 @@ inter-token latency, requests refused with 429 and how fast. Rows:
 
     python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--precisions fp32 int8] [--clients 1 4 16 64]
                                 [--new-tokens 32] [--requests-per-client N] [--baseline-clients 1 4 16]
+                                [--stagger SECONDS]
+
+By default every client sends its first request at once (a burst: the worst case for time to first token; equal
+requests then finish together and the next ones arrive together too). --stagger S spreads the first requests over
+S seconds, so that arrivals stay out of step as independent users' do; rows measured so are marked "stag".
 
 --llama-dir is a llama.cpp source tree (e.g. the one vendored in the llama-cpp-python sdist) built with
 `cmake -B build && cmake --build build --target llama-server llama-quantize`; without it the peer rows are
@@ -174,18 +179,22 @@ async def one_request(http: httpx.AsyncClient, served: Served, prompt: list, out
     out["done"] += 1
 
 
-async def drive(served: Served, prompt: list, clients: int, per_client: int) -> dict:
+async def drive(served: Served, prompt: list, clients: int, per_client: int, stagger: float = 0.0) -> dict:
+    """`clients` concurrent clients, `per_client` requests each, back to back. stagger > 0: client i starts
+    i * stagger / clients seconds late (arrivals spread over `stagger` seconds instead of one burst; identical
+    requests then stay out of step)."""
     out = {"ttft": [], "itl": [], "tokens": 0, "done": 0, "refused": [], "errors": []}
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        async def client():
+        async def client(i):
+            await asyncio.sleep(i * stagger / clients)
             for _ in range(per_client):
                 await one_request(http, served, prompt, out)
 
         await one_request(http, served, prompt, {"ttft": [], "itl": [], "tokens": 0, "done": 0, "refused": [],
                                                  "errors": []})  # warm-up
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(i) for i in range(clients)))
         out["wall"] = time.perf_counter() - start
     return out
 
@@ -217,6 +226,9 @@ def main() -> None:
                         help="default: 2 (8 at 1 client), 1 at 64 clients")
     parser.add_argument("--baseline-clients", nargs="+", type=int, default=None,
                         help="client counts for the one-at-a-time rows (default: --clients)")
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="spread the clients' first requests over this many seconds (default 0: all at once, "
+                             "the worst case for time to first token); the rows say which")
     args = parser.parse_args()
     NEW_TOKENS = args.new_tokens
     args.work.mkdir(parents=True, exist_ok=True)
@@ -249,8 +261,8 @@ def main() -> None:
                 counts = args.baseline_clients if name == "one-at-a-time" and args.baseline_clients else args.clients
                 for clients in counts:
                     per_client = args.requests_per_client or (1 if clients >= 64 else max(2, 8 // clients))
-                    out = asyncio.run(drive(served, prompt, clients, per_client))
-                    line = row(name, precision, clients, out)
+                    out = asyncio.run(drive(served, prompt, clients, per_client, args.stagger))
+                    line = row(name + (" stag" if args.stagger else ""), precision, clients, out)
                     lines.append(line)
                     print(line, flush=True)
             finally:
