@@ -1,25 +1,27 @@
 """`gptrun serve` under concurrent streaming clients, against one-at-a-time serving and llama.cpp's llama-server.
 
-Starts each server on GPT-2 124M (random weights; fp32 and int8), drives it over 127.0.0.1 with httpx at 1, 4,
+Starts each server on GPT-2 124M (random weights; fp32, int8 and int4), drives it over 127.0.0.1 with httpx at 1, 4,
 16 and 64 concurrent streaming clients (a bounded number of requests each: a 32-token prompt given as token
 ids, 32 generated tokens), and prints one table: aggregate generated tok/s, p50/p95 time to first token, p50/p95
 inter-token latency, requests refused with 429 and how fast. Rows:
 
   gptexport      --max-batch 16 --max-queue 32 (continuous batching; at 64 clients the excess gets 429)
   one-at-a-time  --max-batch 1 --max-queue 64 (batching off: the same server, one sequence at a time)
-  llama-server   -np 16 (continuous batching) on a GGUF conversion of the same checkpoint (f32 / q8_0)
+  llama-server   -np 16 (continuous batching) on a GGUF conversion of the same checkpoint at the same precision
+                 (f32 / q8_0 / q4_0: bench/llama_cpp.py)
 
-    python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--precisions fp32 int8] [--clients 1 4 16 64]
-                                [--new-tokens 32] [--requests-per-client N] [--baseline-clients 1 4 16]
-                                [--stagger SECONDS]
+    python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--llama-bin DIR] [--precisions fp32 int8 int4]
+                                [--clients 1 4 16 64] [--new-tokens 32] [--requests-per-client N]
+                                [--baseline-clients 1 4 16] [--stagger SECONDS]
 
 By default every client sends its first request at once (a burst: the worst case for time to first token; equal
 requests then finish together and the next ones arrive together too). --stagger S spreads the first requests over
 S seconds, so that arrivals stay out of step as independent users' do; rows measured so are marked "stag".
 
---llama-dir is a llama.cpp source tree (e.g. the one vendored in the llama-cpp-python sdist) built with
-`cmake -B build && cmake --build build --target llama-server llama-quantize`; without it the peer rows are
-skipped with the reason. Timings are client-side: the client shares the machine's cores with the server.
+--llama-dir (or LLAMA_CPP_DIR) is a llama.cpp source tree (e.g. the one vendored in the llama-cpp-python sdist),
+--llama-bin (or LLAMA_CPP_BIN; default its build/bin) where llama-server and llama-quantize are built; without
+them the peer rows are skipped with the reason. Timings are client-side: the client shares the machine's cores
+with the server.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp  # noqa: E402 - bench/llama_cpp.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 32
@@ -77,31 +82,10 @@ def checkpoint(work: Path) -> Path:
 def artifact(work: Path, ckpt: Path, precision: str) -> Path:
     out = work / f"gpt2-{precision}-inplace"
     if not (out / "manifest.json").exists():
-        flags = {"fp32": [], "int8": ["--int8"]}[precision]
+        flags = {"fp32": [], "int8": ["--int8"], "int4": ["--int4"]}[precision]
         subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(ckpt), "-o", str(out), "--force",
                         "--kv-layout", "shared_buffer", *flags], check=True)
     return out
-
-
-def gguf(work: Path, ckpt: Path, llama: Path, precision: str) -> Path:
-    f32 = work / "gpt2-f32.gguf"
-    if not f32.exists():
-        env = {**os.environ, "PYTHONPATH": str(llama / "gguf-py")}
-        subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(ckpt), "--outtype", "f32",
-                        "--outfile", str(f32)], check=True, env=env)
-    if precision == "fp32":
-        return f32
-    q8 = work / "gpt2-q8_0.gguf"
-    if not q8.exists():
-        subprocess.run([str(_binary(llama, "llama-quantize")), str(f32), str(q8), "q8_0"], check=True)
-    return q8
-
-
-def _binary(llama: Path, name: str) -> Path:
-    for candidate in (llama / "build" / "bin" / name, llama / "build" / name):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{name} is not built under {llama}/build")
 
 
 # -- servers -----------------------------------------------------------------------------------------------------
@@ -140,9 +124,9 @@ def gptexport_server(art: Path, max_batch: int, max_queue: int, threads: int) ->
     return Served(cmd, f"http://127.0.0.1:{port}", "/health", "gpt2", {"min_tokens": NEW_TOKENS})
 
 
-def llama_server(llama: Path, model: Path, parallel: int, threads: int) -> Served:
+def llama_server(binaries: Path, model: Path, parallel: int, threads: int) -> Served:
     port = free_port()
-    cmd = [str(_binary(llama, "llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(llama_cpp.binary(binaries, "llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
            "-np", str(parallel), "-c", str(parallel * (PROMPT_TOKENS + NEW_TOKENS)), "-t", str(threads),
            "-tb", str(threads), "--no-webui", "-a", "gpt2"]
     return Served(cmd, f"http://127.0.0.1:{port}", "/health", "gpt2", {"ignore_eos": True})
@@ -216,8 +200,11 @@ def main() -> None:
     global NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/serve-bench"))
-    parser.add_argument("--llama-dir", type=Path, default=None)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--llama-dir", default=None, help="llama.cpp source tree (default: $LLAMA_CPP_DIR)")
+    parser.add_argument("--llama-bin", default=None,
+                        help="llama.cpp binaries (default: $LLAMA_CPP_BIN, else LLAMA_DIR/build/bin)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"],
+                        choices=["fp32", "int8", "int4"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", default=["gptexport", "one-at-a-time", "llama-server"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -249,11 +236,12 @@ def main() -> None:
                 elif name == "one-at-a-time":
                     served = gptexport_server(art, 1, 64, args.threads)
                 else:
-                    if args.llama_dir is None:
-                        print(f"| llama-server  | {precision} | skipped: no --llama-dir given |", flush=True)
-                        continue
-                    served = llama_server(args.llama_dir, gguf(args.work, ckpt, args.llama_dir, precision), 16,
-                                          args.threads)
+                    source, binaries = llama_cpp.locate(args.llama_dir, args.llama_bin)
+                    model = llama_cpp.gguf(args.work, ckpt, source, binaries, precision)
+                    served = llama_server(binaries, model, 16, args.threads)
+            except llama_cpp.LlamaCppMissing as e:
+                print(f"| {name} | {precision} | skipped: {e} |", flush=True)
+                continue
             except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
                 print(f"| {name} | {precision} | could not start: {str(e)[:200]} |", flush=True)
                 continue
