@@ -13,6 +13,7 @@ engine runs N times in fresh processes, interleaved (A B C A B C ...), and the t
 Workloads, greedy, with min_new_tokens = max_new_tokens so every engine decodes the same number of tokens:
   b1       batch 1, 32-token prompt, 128 new tokens: decode tokens/s = 127 / (t(128 new) - t(1 new))
   b8       batch 8 (eight different 32-token prompts), 64 new tokens: 8 * 63 / (t(64) - t(1))
+           (--new-tokens B1 B8 changes the two counts)
   prefill  one 512-token prompt, 1 new token: 512 / t
   load     seconds from nothing to a loaded model (files already in the page cache)
 Each timing is the best of --repeats after a warm-up. The roof column divides decode tokens/s by what the
@@ -290,7 +291,8 @@ def _report(results: dict, table: dict, bandwidth: float, header: str) -> str:
             lines.append(f"| {engine} | {size / 1e6:.0f} | error: {r['error']} |" + " |" * 8)
             continue
         roof = bandwidth * 1e9 / size if size else float("nan")  # decode steps/s if weights were the only reads
-        lines.append(f"| {engine} | {size / 1e6:.0f} | {r.get('load_s', float('nan')):.2f} | {r['b1']:.1f} "
+        load = f"{r['load_s']:.2f}" if "load_s" in r else "-"
+        lines.append(f"| {engine} | {size / 1e6:.0f} | {load} | {r['b1']:.1f} "
                      f"| {r['b1'] / best['b1']:.2f} | {r['b1'] / roof:.2f} | {r['b8']:.1f} | {r['b8'] / best['b8']:.2f} "
                      f"| {r['b8'] / (8 * roof):.2f} | {r['prefill']:.0f} | {r['prefill'] / best['prefill']:.2f} |")
     lines += ["", f"best peer per workload: " + ", ".join(
@@ -378,6 +380,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/runtime-bench")
     parser.add_argument("--only", help="comma-separated engines (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", nargs=2, type=int, default=[128, 64], metavar=("B1", "B8"),
+                        help="new tokens of the b1 and b8 workloads (a shorter run on a busy machine)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="fresh processes per engine, interleaved across engines; the table shows medians")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -393,6 +397,10 @@ def main() -> None:
     parser.add_argument("--options", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for name, new in zip(("b1", "b8"), args.new_tokens):
+        if new < 2:
+            parser.error(f"--new-tokens {new}: expected at least 2 (decode speed is t(new) - t(1))")
+        WORKLOADS[name] = WORKLOADS[name][:2] + (new,)
     if args.worker:
         prompts = json.loads(Path(args.prompts).read_text())
         print(json.dumps(WORKERS[args.worker](args, prompts)))
@@ -434,7 +442,8 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    header = (f"GPT-2 124M random weights (seed 0), greedy, {args.threads} threads, "
+    header = (f"GPT-2 124M random weights (seed 0), greedy, {args.threads} threads, new tokens b1 "
+              f"{WORKLOADS['b1'][2]} / b8 {WORKLOADS['b8'][2]}, "
               f"{platform.processor() or platform.machine()}, read bandwidth {bandwidth:.1f} GB/s; "
               f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}; best of {args.repeats} per "
               f"process, median of {args.rounds} fresh process(es) per engine, interleaved")
@@ -454,7 +463,7 @@ def _run_engine(engine: str, entry: tuple, args, optimum_python, prompts_file: P
     if python is None:
         return {"error": "no optimum venv (--optimum-python)"}
     cmd = [python, __file__, "--worker", worker, "--path", str(path), "--prompts", str(prompts_file),
-           "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), "--new-tokens", *map(str, args.new_tokens),
            "--options", args.ours_options if worker == "ours" else options]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

@@ -126,8 +126,8 @@ def gptexport_server(art: Path, max_batch: int, max_queue: int, threads: int) ->
 
 def llama_server(binaries: Path, model: Path, parallel: int, threads: int) -> Served:
     port = free_port()
-    cmd = [str(llama_cpp.binary(binaries, "llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(parallel), "-c", str(parallel * (PROMPT_TOKENS + NEW_TOKENS)), "-t", str(threads),
+    cmd = [str(llama_cpp.binary(binaries, "llama-server")), "-m", str(model), "--host", "127.0.0.1", "--port",
+           str(port), "-np", str(parallel), "-c", str(parallel * (PROMPT_TOKENS + NEW_TOKENS)), "-t", str(threads),
            "-tb", str(threads), "--no-webui", "-a", "gpt2"]
     return Served(cmd, f"http://127.0.0.1:{port}", "/health", "gpt2", {"ignore_eos": True})
 
