@@ -12,6 +12,11 @@ are the same in both views (the count of real tokens before a token), so logits 
  left-padded prompt (B, L) ──right-align──▶ input_ids (B, L), seqlens_k = len-1, logits_index = len-1
  decode: input_ids (B, 1), position_ids (B, 1), seqlens_k = lengths, total = max(lengths) + 1
 ```
+
+On CPU the decode steps of a request share one IO binding, made at its first decode step (`DecodeBinding`): the
+small inputs and the logits are numpy arrays bound by pointer, written in place each step, and the cache buffers
+are bound once; a step is then a few element writes and `run_with_iobinding`, with no binding, OrtValue or logits
+array built per token.
 """
 
 import numpy as np
@@ -37,6 +42,7 @@ class SharedKVCache:
                         for past, _ in pairs}
         self.lengths = np.zeros(batch, dtype=np.int32)  # real tokens cached per row
         self.started = False
+        self.decode_binding = None  # DecodeBinding, made at the first decode step (CPU)
 
     @property
     def length(self) -> int:
@@ -53,6 +59,7 @@ class SharedKVCache:
                                                                self.device, self.device_id)
                         for past, buffer in self.buffers.items()}
         self.lengths = self.lengths[indices]
+        self.decode_binding = None  # bound to the old buffers and batch
 
     def bind(self, binding: ort.IOBinding) -> None:
         """Bind every buffer as its layer's past input and present output (the same memory)."""
@@ -72,16 +79,49 @@ def right_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token_id:
     return ids, positions, lengths
 
 
+class DecodeBinding:
+    """One request's decode-step binding on CPU: inputs and logits are numpy arrays bound by pointer.
+
+    Args:
+        session: the shared_buffer graph's session.
+        cache: the request's SharedKVCache (its buffers are bound once, as past input and present output).
+        vocab: the logits' last dimension.
+        logits_dtype: numpy dtype of the logits output.
+    """
+
+    def __init__(self, session: ort.InferenceSession, cache: SharedKVCache, vocab: int, logits_dtype):
+        batch = len(cache.lengths)
+        self.ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
+        self.positions = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
+        self.seqlens = np.zeros(batch, dtype=np.int32)  # (B,)
+        self.total = np.zeros((), dtype=np.int32)
+        self.index = np.zeros(batch, dtype=np.int64)  # (B,): the step's only position
+        self.logits = np.empty((batch, 1, vocab), dtype=logits_dtype)  # (B, 1, vocab)
+        self.binding = session.io_binding()
+        for name, array in (("input_ids", self.ids), ("position_ids", self.positions), ("seqlens_k", self.seqlens),
+                            ("total_sequence_length", self.total), ("logits_index", self.index)):
+            self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        self.binding.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape),
+                                 self.logits.ctypes.data)
+        cache.bind(self.binding)
+
+
 def shared_step(session: ort.InferenceSession, cache: SharedKVCache, input_ids: np.ndarray,
-                attention_mask: np.ndarray, position_ids: np.ndarray, pad_token_id: int) -> np.ndarray:
+                attention_mask: np.ndarray, position_ids: np.ndarray, pad_token_id: int,
+                logits_meta: tuple | None = None) -> np.ndarray:
     """One prefill (first call) or decode step of a shared_buffer graph; returns (B, 1, vocab) logits.
 
     Args:
         input_ids, attention_mask, position_ids: the loop's left-padded view, as for the default graph.
         pad_token_id: fills the right padding at prefill (never attended to).
+        logits_meta: (vocab, numpy dtype) of the logits: decode steps on CPU then run through the request's
+            `DecodeBinding`, and the logits returned are its array, overwritten by the next step of this cache
+            (copy them to keep them). None: a fresh binding per step.
     Raises:
         ValueError: the cache is full (the loop sizes it, so this is a bug, not a user error).
     """
+    if cache.started and logits_meta is not None and cache.device == "cpu":
+        return _bound_decode(session, cache, input_ids, position_ids, logits_meta)
     if not cache.started:
         ids, positions, lengths = right_align(input_ids, attention_mask, pad_token_id)
         seqlens, total, index = lengths - 1, ids.shape[1], lengths - 1
@@ -101,3 +141,20 @@ def shared_step(session: ort.InferenceSession, cache: SharedKVCache, input_ids: 
     session.run_with_iobinding(binding)
     cache.lengths, cache.started = lengths.astype(np.int32), True
     return binding.get_outputs()[0].numpy()
+
+
+def _bound_decode(session, cache: SharedKVCache, input_ids, position_ids, logits_meta) -> np.ndarray:
+    """A decode step through the request's DecodeBinding: the inputs written in place, one run."""
+    step = cache.decode_binding
+    if step is None:
+        step = cache.decode_binding = DecodeBinding(session, cache, *logits_meta)
+    total = int(cache.lengths.max()) + 1
+    if total > cache.capacity:
+        raise ValueError(f"KV cache of {cache.capacity} slots is full")
+    step.ids[:] = input_ids  # (B, 1)
+    step.positions[:] = position_ids  # (B, 1)
+    step.seqlens[:] = cache.lengths  # total length after this step - 1
+    step.total[...] = total
+    session.run_with_iobinding(step.binding)
+    cache.lengths = cache.lengths + 1
+    return step.logits

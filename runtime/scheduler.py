@@ -297,7 +297,7 @@ class Scheduler:
             raise RuntimeError("injected fault (GPTEXPORT_SERVE_FAULT)")
         logits = logits[None, :]  # (1, vocab)
         self.model._advance([seq.row], [seq.seen], logits, seq.params, seq.generated, seq.stops, True, seq.eos,
-                            seq.rng)
+                            seq.rng, logprobs=seq.top_logprobs is not None)  # only logprobs requests report them
         seq.generated += 1
         now = time.perf_counter()
         if self.observer:

@@ -327,6 +327,14 @@ class Decoder:
         self.pad_token_id = next((t for t in (special.get("pad_token_id"), special.get("eos_token_id"))
                                   if t is not None), 0)
         self._check_graph(manifest)
+        self.logits_meta = self._logits_meta(manifest)  # (vocab, dtype): shared_buffer decode steps bind by pointer
+
+    def _logits_meta(self, manifest: dict):
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        vocab = logits.shape[-1] if logits.shape and isinstance(logits.shape[-1], int) else None
+        vocab = vocab or manifest["config"].get("vocab_size")
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(logits.type)
+        return (int(vocab), dtype) if vocab and dtype is not None else None
 
     def _check_graph(self, manifest: dict) -> None:
         outputs = {o.name for o in self.session.get_outputs()}
@@ -359,10 +367,12 @@ class Decoder:
             logits_to_keep: k > 0 returns the logits of the last k positions only, where the graph has the
                 `logits_to_keep` input (graphs/last_logits.py), else all S; 0: all S.
         Returns:
-            (B, S or k, vocab) logits on the host (the shared_buffer graph: (B, 1, vocab) always).
+            (B, S or k, vocab) logits on the host (the shared_buffer graph: (B, 1, vocab) always; on CPU its
+            decode steps return the request's bound logits array, overwritten by the cache's next step).
         """
         if isinstance(cache, SharedKVCache):  # (B, 1, vocab): each row's last position only
-            return shared_step(self.session, cache, input_ids, attention_mask, position_ids, self.pad_token_id)
+            return shared_step(self.session, cache, input_ids, attention_mask, position_ids, self.pad_token_id,
+                               self.logits_meta)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if logits_to_keep and self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)

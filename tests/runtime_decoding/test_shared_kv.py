@@ -94,3 +94,34 @@ def test_unfused_graph_is_rejected_with_a_reason():
     graph = ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 17})
     with pytest.raises(Reject, match="fuse the graph first"):
         to_shared_kv(ir.Model(graph, ir_version=10))
+
+
+def test_decode_steps_reuse_one_binding_and_equal_a_fresh_binding_per_step(shared):
+    """CPU decode steps run through one DecodeBinding per request (inputs written in place, logits bound by
+    pointer); their logits equal those of a fresh IO binding per step, and a full cache is refused."""
+    from gptexport.runtime.kv import shared_step
+
+    _, _, shared_dir = shared("gpt2")
+    decoder = runtime.load(shared_dir).decoder
+    assert decoder.logits_meta is not None
+    ids = np.array([[50256, 15496, 995], [464, 2068, 7586]])  # (B, L), row 0 left-padded
+    mask = np.array([[0, 1, 1], [1, 1, 1]])
+    positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 0)
+    bound, fresh = decoder.new_cache(2, capacity=6), decoder.new_cache(2, capacity=6)
+    a = decoder.step(ids, mask, positions, bound)
+    b = shared_step(decoder.session, fresh, ids, mask, positions, decoder.pad_token_id, None)
+    binding = None
+    for step in range(3):
+        assert np.array_equal(a, b), f"step {step}: bound logits differ from a fresh binding's"
+        ids = b[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        positions = positions[:, -1:] + 1
+        a = decoder.step(ids, mask, positions, bound)
+        b = shared_step(decoder.session, fresh, ids, mask, positions, decoder.pad_token_id, None)
+        assert binding is None or bound.decode_binding is binding, "a decode step made a new binding"
+        binding = bound.decode_binding
+        assert a is binding.logits and fresh.decode_binding is None
+    assert np.array_equal(a, b), "last step: bound logits differ from a fresh binding's"
+    assert bound.lengths.tolist() == fresh.lengths.tolist() == [5, 6]
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(ids, mask, positions + 1, bound)  # row 1 already holds 6 of 6 slots
