@@ -233,23 +233,16 @@ def greedy_cache_check(session, facts: dict, tokenizer, directory: Path, manifes
     on the same graph; a divergence where the two tokens' logits are within `tolerance` is a tie."""
     from gptexport import runtime
 
+    from .validate import greedy_tally
+
     rt = runtime.load(directory, verify="size", manifest=manifest)
-    total = agreed = strict = 0
     rows = []
     for prompts in [[p] for p in PROMPTS] + [PADDED_BATCH]:
         _, ours = rt.generate(prompts, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, return_tokens=True)
         for prompt, got in zip(prompts, ours):
             want, logits = _greedy_without_cache(session, facts, tokenizer.encode(prompt).ids, NEW_TOKENS)
-            same = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
-            row = {"prompt": prompt, "batch": len(prompts), "tokens_equal": same, "tokens": len(want)}
-            if same < len(want):
-                row["logit_gap"] = float(logits[same][want[same]] - logits[same][got[same]])
-                row["tie"] = bool(row["logit_gap"] <= tolerance)
-            total, strict = total + len(want), strict + same
-            agreed += len(want) if row.get("tie") else same
-            rows.append(row)
-    return {"greedy_agreement": agreed / total, "greedy_agreement_strict": strict / total,
-            "greedy_tie_tolerance": tolerance, "greedy_cases": rows}
+            rows.append((prompt, len(prompts), got, want, logits))
+    return greedy_tally(rows, tolerance, reference="no_cache")
 
 
 def validate_adopted(directory: Path, facts: dict, tokenizer, manifest: dict, checkpoint: str | None) -> dict:

@@ -159,6 +159,40 @@ def _agreement(ours: list[int], theirs: list[int]) -> int:
     return same
 
 
+# The key naming the reference's logit gap at a divergence in each greedy_cases row. The names differ because the
+# references differ (torch's logits; the same graph's without a cache, for an adopted artifact without a
+# checkpoint); manifests written before this helper hold the same keys.
+GAP_KEYS = {"torch": "torch_logit_gap", "no_cache": "logit_gap"}
+
+
+def greedy_tally(rows, tie_tolerance: float, reference: str = "torch") -> dict:
+    """Greedy agreement of our tokens with a reference's, row by row, ties at the reference's logits excused.
+
+    Args:
+        rows: (prompt, batch size, our tokens, the reference's tokens, the reference's logits at each step, each
+            a (vocab,) row), one per prompt of each case.
+        tie_tolerance: a divergence where the reference's logits of its token and ours are within this counts as
+            a tie (the row agrees).
+        reference: "torch" or "no_cache"; selects the gap's key (GAP_KEYS).
+    Returns:
+        greedy_agreement (ties excused), greedy_agreement_strict, greedy_tie_tolerance and greedy_cases.
+    """
+    gap_key = GAP_KEYS[reference]
+    total = agreed = strict = 0
+    cases = []
+    for prompt, batch, ours, theirs, logits in rows:
+        same = _agreement(ours, theirs)
+        row = {"prompt": prompt, "batch": batch, "tokens_equal": same, "tokens": len(theirs)}
+        if same < len(theirs):  # the reference's logit gap between its token and ours at the divergence
+            row[gap_key] = float(logits[same][theirs[same]] - logits[same][ours[same]])
+            row["tie"] = bool(row[gap_key] <= tie_tolerance)
+        total, strict = total + len(theirs), strict + same
+        agreed += len(theirs) if row.get("tie") else same
+        cases.append(row)
+    return {"greedy_agreement": agreed / total, "greedy_agreement_strict": strict / total,
+            "greedy_tie_tolerance": tie_tolerance, "greedy_cases": cases}
+
+
 def greedy_check(model, tokenizer, artifact_dir: str, eos: int, manifest: dict | None = None,
                  tie_tolerance: float = 0.0) -> dict:
     """Greedy tokens of the runtime against transformers' generate: single prompts and a left-padded batch.
@@ -170,22 +204,13 @@ def greedy_check(model, tokenizer, artifact_dir: str, eos: int, manifest: dict |
     """
     from gptexport import runtime
     rt = runtime.load(artifact_dir, verify="size", manifest=manifest)
-    cases = [[p] for p in VALIDATION_PROMPTS] + [PADDED_BATCH]
-    total, agreed, strict, rows = 0, 0, 0, []
-    for prompts in cases:
+    rows = []
+    for prompts in [[p] for p in VALIDATION_PROMPTS] + [PADDED_BATCH]:
         theirs, logits = _hf_greedy(model, tokenizer, prompts, eos)
         _, ours = rt.generate(prompts, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, return_tokens=True)
-        for r, (prompt, a, b) in enumerate(zip(prompts, ours, theirs)):
-            same = _agreement(a, b)
-            row = {"prompt": prompt, "batch": len(prompts), "tokens_equal": same, "tokens": len(b)}
-            if same < len(b):  # torch's logit gap between its token and ours at the divergence
-                row["torch_logit_gap"] = float(logits[same][r, b[same]] - logits[same][r, a[same]])
-                row["tie"] = bool(row["torch_logit_gap"] <= tie_tolerance)
-            total, strict = total + len(b), strict + same
-            agreed += len(b) if row.get("tie") else same
-            rows.append(row)
-    return {"greedy_agreement": agreed / total, "greedy_agreement_strict": strict / total,
-            "greedy_tie_tolerance": tie_tolerance, "greedy_cases": rows}
+        rows += [(prompt, len(prompts), a, b, [step[r] for step in logits])
+                 for r, (prompt, a, b) in enumerate(zip(prompts, ours, theirs))]
+    return greedy_tally(rows, tie_tolerance, reference="torch")
 
 
 # ---- next-token distributions on text -----------------------------------------------------------------------------
