@@ -8,7 +8,9 @@ tiny checkpoint (seeded random weights, tests/tiny_models.py):
 
     ours -> Optimum   gptexport CKPT -o OURS; ORTModelForCausalLM.from_pretrained(OURS) greedy == our runtime's
     Optimum -> ours   optimum-cli export onnx --task text-generation-with-past; gptexport adopt OPT -o ADOPTED
-                      --checkpoint CKPT; our runtime on ADOPTED greedy == Optimum's on OPT
+                      --checkpoint CKPT; our runtime on ADOPTED greedy == Optimum's on OPT; then again with our
+                      passes (--fuse --kv-layout shared_buffer --strict: every fusion count reached), greedy ==
+                      Optimum's and == our own export's
 
 Greedy tokens are compared for each prompt alone and for a left-padded batch of all of them. Prints a table;
 exits 1 if any pair differs. BENCHMARKS.md records a run.
@@ -125,6 +127,16 @@ def main() -> int:
         rows.append((name, "Optimum -> ours", "adopted export in gptexport.runtime", _agree(mine, theirs),
                      time.perf_counter() - start))
         ok &= mine == theirs
+        start = time.perf_counter()  # Optimum -> ours, with our passes: fused, in-place KV cache
+        fused = run([sys.executable, "-m", "gptexport.exporter.cli", "adopt", base / "optimum", "-o",
+                     base / "adopted-fused", "--fuse", "--kv-layout", "shared_buffer", "--checkpoint", ckpt,
+                     "--strict", "--force"], env=env)
+        print(fused.stdout.strip())
+        mine, ours = ours_greedy(base / "adopted-fused"), ours_greedy(base / "ours")
+        rows.append((name, "Optimum -> ours", "adopt --fuse --kv-layout shared_buffer", _agree(mine, theirs),
+                     time.perf_counter() - start))
+        rows.append((name, "(same)", "  ... against our own export of CKPT", _agree(mine, ours), 0.0))
+        ok &= mine == theirs == ours
     print(f"\n{'model':<22} {'direction':<16} {'what runs':<44} {'greedy rows equal':>17} {'seconds':>8}")
     for name, direction, what, agree, seconds in rows:
         print(f"{name:<22} {direction:<16} {what:<44} {agree:>17} {seconds:8.1f}")

@@ -318,14 +318,17 @@ def _passes(ir_model, architecture, facts, opts: AdoptOptions, source_dtype: str
     from .passes import run_passes
 
     dtype = opts.dtype or source_dtype
-    if opts.fuse:  # the rules read shapes: an export from elsewhere may carry none on its intermediate values
-        import onnx_ir.passes.common as common
-
-        common.ShapeInferencePass()(ir_model)
     if source_dtype == "float16" and dtype != "float16":
         raise ExportError(f"the export is float16 already: it cannot become {dtype} (adopt a float32 export)")
+    canonical = None
+    if opts.fuse:  # Optimum's graph: weights aliased by Identity, shapes lost in Shape arithmetic, scale computed
+        from gptexport.graphs.canonical import canonicalise
+
+        canonical = canonicalise(ir_model)
     precision = "float32" if dtype == source_dtype else dtype  # an fp16 export keeps its precision as it is
     passes = run_passes(ir_model, architecture.name, facts, fuse=opts.fuse, dtype=precision, strict=opts.strict)
+    if canonical is not None:
+        passes["canonical"] = canonical
     passes["precision"] = dtype
     shared = to_shared_buffer(ir_model) if opts.kv_layout == "shared_buffer" else None
     if shared is None and not any(v.name == LOGITS_TO_KEEP for v in ir_model.graph.inputs):

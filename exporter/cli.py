@@ -206,8 +206,8 @@ def _adopt_summary(result) -> str:
 @click.option("--checkpoint", type=click.Path(path_type=str), default=None,
               help="The torch checkpoint the export came from: validate against it too.")
 @click.option("--force", is_flag=True, help="Replace the output directory if it is an artifact of ours (or empty).")
-@click.option("--fuse", is_flag=True, help="Run gptexport's fusion rules (counts recorded; they match our own trace "
-                                           "best, so an Optimum graph may fuse only in part).")
+@click.option("--fuse", is_flag=True, help="Run gptexport's fusion rules, after bringing Optimum's graph to the "
+                                           "form they read (graphs/canonical.py); counts recorded.")
 @click.option("--strict", is_flag=True, help="With --fuse: fail when a fusion rule falls short.")
 @click.option("--fp16", "dtype", flag_value="float16", help="Convert to float16 (a float32 export).")
 @click.option("--int8", "dtype", flag_value="int8", help="int8 weights, dynamic int8 MatMul (CPU).")

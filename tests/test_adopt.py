@@ -1,8 +1,10 @@
 """`gptexport adopt`: an Optimum-shaped export directory becomes an artifact of ours.
 
 The directory is built from our own unfused export (standard ONNX ops, Optimum's names) with the manifest taken
-away: what Optimum writes (model.onnx, config.json, generation_config.json, tokenizer files). A real Optimum export
-is adopted by bench/optimum_interop.py, in Optimum's own venv.
+away: what Optimum writes (model.onnx, config.json, generation_config.json, tokenizer files). Real Optimum exports
+of tiny checkpoints (tests/data/optimum, made by its make_fixtures.py) are adopted with our passes below (slow
+tier; tests/graphs/test_canonical.py fuses the same graphs in seconds), and bench/optimum_interop.py adopts fresh
+ones in Optimum's own venv.
 """
 
 from __future__ import annotations
@@ -137,3 +139,28 @@ def test_cli_summary_and_target_rules(optimum_dir, tmp_path):
     bad = _gptexport("adopt", source, "-o", tmp_path / "b", "--kv-layout", "shared_buffer")
     assert bad.returncode == 2 and "add --fuse" in bad.stderr and "add --checkpoint DIR" in bad.stderr
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["model"]["adopted_from"] == "optimum"
+
+
+# --- a real Optimum export (tests/data/optimum: what optimum-cli wrote for tiny checkpoints) --------------------
+OPTIMUM_DATA = ROOT / "tests" / "data" / "optimum"
+
+
+@pytest.mark.slow  # a full torch validation and one export of ours per model: minutes on the shared CI box
+@pytest.mark.parametrize("fixture,architecture", [("gpt2", "gpt2"), ("gptj-partial-rotary", "gptj")])
+def test_real_optimum_export_adopted_fused_in_place_gives_our_own_exports_tokens(fixture, architecture, tmp_path):
+    """`adopt --fuse --kv-layout shared_buffer --checkpoint --strict` on Optimum's own graph: every fusion count
+    reached, validated against torch, and the greedy tokens of our own export of the same checkpoint."""
+    from gptexport.graphs.pipeline import expected_counts
+
+    ckpt, source = OPTIMUM_DATA / fixture / "checkpoint", OPTIMUM_DATA / fixture / "optimum"
+    result = adopt(AdoptOptions(source=str(source), output=str(tmp_path / "adopted"), fuse=True, strict=True,
+                                kv_layout="shared_buffer", checkpoint=str(ckpt)))
+    m = result.manifest
+    counts = {k: v for k, v in m["passes"]["counts"].items() if k != "shared_kv"}
+    assert counts == expected_counts(architecture, m["config"]) and not m["passes"]["shortfalls"]
+    assert m["passes"]["counts"]["shared_kv"] == 2 and m["passes"]["canonical"]["shaped_values"] > 0
+    assert m["validation"]["passed"] and m["validation"]["torch"]["passed"], m["validation"]["failed_checks"]
+    ours = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "ours"), kv_layout="shared_buffer",
+                                validate=False)).output
+    assert _greedy(tmp_path / "adopted") == _greedy(ours)
+    assert [p.name for p in (tmp_path / "adopted").iterdir() if p.name.startswith(".")] == []

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,6 +53,41 @@ class Traced:
         self.report = fuse(graph, self.architecture, self.facts)
         self.fused_model = graph
         self.fused = ir.to_proto(graph).SerializeToString()
+
+
+class G:
+    """A tiny graph builder: g.op("Mul", "a", "b") -> output name; constants become initializers."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.inputs, self.outputs, self.n = [], [], [], [], 0
+
+    def input(self, name, shape, dtype=TensorProto.FLOAT):
+        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
+        return name
+
+    def const(self, array):
+        self.n += 1
+        self.inits.append(numpy_helper.from_array(np.asarray(array), f"c{self.n}"))
+        return f"c{self.n}"
+
+    def op(self, op_type, *inputs, out=None, **attrs):
+        self.n += 1
+        out = out or f"t{self.n}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"n{self.n}", **attrs))
+        return out
+
+    def ops(self, op_type, *inputs, outputs: int, **attrs) -> list[str]:
+        """A node of several outputs (Split): their names."""
+        self.n += 1
+        outs = [f"t{self.n}_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"n{self.n}", **attrs))
+        return outs
+
+    def model(self, *outputs) -> ir.Model:
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        graph = helper.make_graph(self.nodes, "g", self.inputs, outs, self.inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
 
 
 def session(model_bytes: bytes, threads: int = 1):

@@ -6,45 +6,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
-from fusion_testing import session
+from fusion_testing import G, session
 from gptexport.graphs.fusion import fuse_attention, fuse_gelu, fuse_matmul_3d, fuse_rotary, fuse_skip_layernorm
 from gptexport.graphs.fusion.matmul_3d import drop_identity_reshapes
 from gptexport.graphs.fusion._match import RuleResult
 
 RULE_ATOL = 1e-5  # fp32, one fused op against the ops it replaces
-
-
-class G:
-    """A tiny graph builder: g.op("Mul", "a", "b") -> output name; constants become initializers."""
-
-    def __init__(self):
-        self.nodes, self.inits, self.inputs, self.outputs, self.n = [], [], [], [], 0
-
-    def input(self, name, shape, dtype=TensorProto.FLOAT):
-        self.inputs.append(helper.make_tensor_value_info(name, dtype, shape))
-        return name
-
-    def const(self, array):
-        self.n += 1
-        self.inits.append(numpy_helper.from_array(np.asarray(array), f"c{self.n}"))
-        return f"c{self.n}"
-
-    def op(self, op_type, *inputs, out=None, **attrs):
-        self.n += 1
-        out = out or f"t{self.n}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"n{self.n}", **attrs))
-        return out
-
-    def model(self, *outputs) -> ir.Model:
-        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
-        graph = helper.make_graph(self.nodes, "g", self.inputs, outs, self.inits)
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        return ir.from_proto(onnx.shape_inference.infer_shapes(proto, strict_mode=True))
 
 
 def _run(model: ir.Model, feeds: dict) -> list:
@@ -216,3 +187,117 @@ def test_attention_fuses_with_padding_mask():
 
 def test_attention_rejects_without_cache_outputs():
     _rejected(_attention(cache_outputs=False), fuse_attention, "is not a graph output")
+
+
+# --- attention, Optimum's form (torch's SDPA traced by TorchScript) --------------------------------------------
+def _sdpa_attention(guard=True, guard_value=0.0, split_scale=True, extra_reader=False):
+    """B=2, T=2, P=3, nh=2, hs=4: the scale split over q and k (or a Div), Where(keep, 0, -inf) sliced to the key
+    length Shape(present.0.key)[2], and the NaN guard after the softmax."""
+    g = G()
+    q3, k3, v3 = (g.input(n, [2, 2, 8]) for n in ("q", "k", "v"))
+    past_k, past_v = g.input("past_key_values.0.key", [2, 2, 3, 4]), g.input("past_key_values.0.value", [2, 2, 3, 4])
+    keep = g.input("keep", [2, 1, 2, 5], TensorProto.BOOL)
+    i64 = lambda *v: g.const(np.array(v, np.int64))  # noqa: E731
+    heads = lambda x: g.op("Transpose", g.op("Reshape", x, i64(2, 2, 2, 4)), perm=[0, 2, 1, 3])  # noqa: E731
+    present_k = g.op("Concat", past_k, heads(k3), axis=-2, out="present.0.key")
+    present_v = g.op("Concat", past_v, heads(v3), axis=-2, out="present.0.value")
+    kv_len = g.op("Unsqueeze", g.op("Gather", g.op("Shape", present_k), g.const(np.int64(2)), axis=0), i64(0))
+    bias = g.op("Where", g.op("Slice", keep, i64(0), kv_len, i64(3)), g.const(np.float32(0)),
+                g.const(np.float32(-np.inf)))
+    k_t = g.op("Transpose", present_k, perm=[0, 1, 3, 2])
+    if split_scale:  # sqrt(0.5) each: scale 0.5
+        root = g.const(np.float32(math.sqrt(0.5)))
+        scores = g.op("MatMul", g.op("Mul", heads(q3), root), g.op("Mul", k_t, root))
+    else:
+        scores = g.op("Div", g.op("MatMul", heads(q3), k_t), g.const(np.float32(2.0)))
+    probs = g.op("Softmax", g.op("Add", scores, bias), axis=-1)
+    if guard:
+        probs = g.op("Where", g.op("IsNaN", probs), g.const(np.float32(guard_value)), probs)
+    out = g.op("Transpose", g.op("MatMul", probs, present_v), perm=[0, 2, 1, 3])
+    g.op("Reshape", out, i64(2, 2, 8), out="y")
+    extra = [g.op("ReduceSum", present_k, out="extra")] if extra_reader else []
+    return g.model("y", "present.0.key", "present.0.value", *extra)
+
+
+def _sdpa_feeds():
+    rng = np.random.default_rng(4)
+    feeds = {n: rng.standard_normal((2, 2, 8), np.float32) for n in ("q", "k", "v")}
+    feeds |= {f"past_key_values.0.{kv}": rng.standard_normal((2, 2, 3, 4), np.float32) for kv in ("key", "value")}
+    keep = np.tril(np.ones((2, 5), bool), k=3)[None, None].repeat(2, 0)  # causal over past 3 + new 2
+    keep[1, 0, :, :4] = False  # row 1 left-padded over 4 slots: its first query sees no key at all
+    return feeds | {"keep": keep}
+
+
+def test_attention_fuses_optimum_form_and_a_fully_masked_row_stays_finite():
+    """Real positions equal the unfused graph's; the query with every key masked (a left pad, which Optimum's NaN
+    guard zeroes) is finite, not NaN, because -inf became the dtype's finite minimum."""
+    feeds = _sdpa_feeds()
+    for split_scale in (True, False):
+        before = _run(_sdpa_attention(split_scale=split_scale), feeds)
+        model, result = _sdpa_attention(split_scale=split_scale), RuleResult()
+        assert fuse_attention(model, result) == 1, result.rejections
+        common.RemoveUnusedNodesPass()(model)
+        assert [n.op_type for n in model.graph if n.domain == "com.microsoft"] == ["MultiHeadAttention"]
+        assert not [n for n in model.graph if n.op_type in ("Softmax", "IsNaN")]  # the unfused nodes are gone
+        after = _run(model, feeds)
+        real = np.ones((2, 2), bool)
+        real[1, 0] = False  # (row, query) pairs that see a key
+        np.testing.assert_allclose(after[0].reshape(2, 2, 8)[real], before[0].reshape(2, 2, 8)[real],
+                                   atol=RULE_ATOL, rtol=0)
+        for a, b in zip(after[1:], before[1:]):  # presents
+            np.testing.assert_allclose(a, b, atol=RULE_ATOL, rtol=0)
+        assert np.isfinite(after[0]).all()
+    masked = model.graph.initializers["/model/attn_mask/masked_float32"]
+    masked.const_value = ir.tensor(np.array(-np.inf, np.float32))  # what keeping -inf would give: NaN
+    assert np.isnan(_run(model, feeds)[0].reshape(2, 2, 8)[1, 0]).all()
+
+
+def test_attention_rejects_a_guard_that_is_not_the_nan_guard():
+    """Where(IsNaN(p), 1, p) changes what fully masked rows give: not Optimum's guard, not droppable."""
+    _rejected(_sdpa_attention(guard_value=1.0), fuse_attention, "is not the NaN guard")
+
+
+def test_attention_rejects_a_concatenated_cache_read_elsewhere():
+    _rejected(_sdpa_attention(extra_reader=True), fuse_attention, "is read outside attention")
+
+
+# --- rotary, Optimum's form (transformers' GPT-J: x * cos + rotate_every_two(x) * sin) ---------------------------
+def _rotary_every_two(negate_even=False):
+    """(B=1, T=2, nh=2, hs=8), rotary_dim 4, table (16, 4) = [sin | cos], looked up as transformers' GPT-J does."""
+    g = G()
+    x3, pos = g.input("x", [1, 2, 16]), g.input("position_ids", [1, 2], TensorProto.INT64)
+    i64 = lambda *v: g.const(np.array(v, np.int64))  # noqa: E731
+    end = np.iinfo(np.int64).max
+    view = g.op("Reshape", x3, i64(1, 2, 2, 8))
+    x, passthrough = g.op("Slice", view, i64(0), i64(4), i64(3)), g.op("Slice", view, i64(4), i64(end), i64(3))
+    angles = np.arange(16, dtype=np.float32)[:, None] * np.array([1.0, 0.1], np.float32)
+    table = g.const(np.concatenate([np.sin(angles), np.cos(angles)], 1))  # (16, 4)
+    data = g.op("Tile", g.op("Expand", table, i64(1, 1, 1)), i64(1, 1, 1))  # (B, 16, 4)
+    index = g.op("Tile", g.op("Unsqueeze", pos, i64(-1)), i64(1, 1, 4))  # (B, T, 4)
+    sin, cos = g.ops("Split", g.op("GatherElements", data, index, axis=1), i64(2, 2), outputs=2, axis=-1)
+
+    def repeated(half):  # repeat_interleave(half[:, :, None, :], 2, -1) -> (B, T, 1, 4)
+        pairs = g.op("Tile", g.op("Unsqueeze", g.op("Unsqueeze", half, i64(2)), i64(4)), i64(1, 1, 1, 1, 2))
+        return g.op("Reshape", pairs, i64(1, 2, 1, 4))
+
+    even, odd = g.op("Slice", x, i64(0), i64(end), i64(3), i64(2)), g.op("Slice", x, i64(1), i64(end), i64(3), i64(2))
+    first, second = (even, odd) if negate_even else (odd, even)
+    stacked = g.op("Concat", g.op("Unsqueeze", g.op("Neg", first), i64(-1)), g.op("Unsqueeze", second, i64(-1)),
+                   axis=-1)
+    rot = g.op("Reshape", stacked, i64(1, 2, 2, 4))
+    rotated = g.op("Add", g.op("Mul", x, repeated(cos)), g.op("Mul", rot, repeated(sin)))
+    g.op("Concat", rotated, passthrough, axis=-1, out="y")
+    return g.model("y")
+
+
+def test_rotary_fuses_optimum_form():
+    feeds = {"x": np.random.default_rng(5).standard_normal((1, 2, 16), np.float32),
+             "position_ids": np.array([[3, 9]], np.int64)}
+    model = _check(_rotary_every_two, fuse_rotary, feeds)
+    (node,) = [n for n in model.graph if n.domain == "com.microsoft"]
+    assert {k: a.value for k, a in node.attributes.items()} == {"interleaved": 1, "num_heads": 2,
+                                                                 "rotary_embedding_dim": 4}
+
+
+def test_rotary_rejects_optimum_form_with_the_wrong_rotation():
+    _rejected(_rotary_every_two(negate_even=True), fuse_rotary, "is not [0::2] of the last axis")
