@@ -149,7 +149,9 @@ def fold_static_shape_slices(model: ir.Model) -> int:
             name, k = f"{user.name or 'shape'}/static_dims", 0
             while name in graph.initializers:
                 name, k = f"{user.name or 'shape'}/static_dims_{k + 1}", k + 1
-            value = ir.Value(name=name, const_value=ir.tensor(np.asarray(picked, np.int64)))
+            array = np.asarray(picked, np.int64)
+            value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(array.shape),
+                             const_value=ir.tensor(array))
             graph.register_initializer(value)
             ir.convenience.replace_all_uses_with(user.outputs[0], value)
             folded += 1

@@ -145,6 +145,20 @@ def test_cli_summary_and_target_rules(optimum_dir, tmp_path):
 OPTIMUM_DATA = ROOT / "tests" / "data" / "optimum"
 
 
+@pytest.mark.parametrize("fixture,architecture", [("gpt2", "gpt2"), ("gptj-partial-rotary", "gptj")])
+def test_real_optimum_export_fused_and_fp16(fixture, architecture, tmp_path):
+    """--fuse --fp16 on Optimum's graph: the canonical pass's and the rules' new constants convert with the rest
+    (a float32 mask minimum left beside a float16 zero would be a graph onnxruntime refuses)."""
+    from gptexport.graphs.pipeline import expected_counts
+
+    result = adopt(AdoptOptions(source=str(OPTIMUM_DATA / fixture / "optimum"), output=str(tmp_path / "fp16"),
+                                fuse=True, strict=True, dtype="float16"))
+    m = result.manifest
+    counts = {k: v for k, v in m["passes"]["counts"].items() if k != "fp16_initializers"}
+    assert counts == expected_counts(architecture, m["config"]) and m["dtype"] == "float16"
+    assert m["validation"]["passed"], m["validation"]["failed_checks"]
+
+
 @pytest.mark.slow  # a full torch validation and one export of ours per model: minutes on the shared CI box
 @pytest.mark.parametrize("fixture,architecture", [("gpt2", "gpt2"), ("gptj-partial-rotary", "gptj")])
 def test_real_optimum_export_adopted_fused_in_place_gives_our_own_exports_tokens(fixture, architecture, tmp_path):

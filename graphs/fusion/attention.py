@@ -188,7 +188,8 @@ def _shape_without_concat(graph: ir.Graph, shape: ir.Node) -> None:
     past, new = shape.inputs[0].producer().inputs
     name = "/model/attn_cache/sequence_axis"
     if name not in graph.initializers:
-        graph.register_initializer(ir.Value(name=name, const_value=ir.tensor([0, 0, 1, 0], dtype=ir.DataType.INT64)))
+        graph.register_initializer(ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]),
+                                            const_value=ir.tensor([0, 0, 1, 0], dtype=ir.DataType.INT64)))
     nodes = [ir.Node("", "Shape", [past], name=f"{shape.name}/past"), ir.Node("", "Shape", [new], name=f"{shape.name}/new")]
     nodes.append(ir.Node("", "Mul", [nodes[1].outputs[0], graph.initializers[name]], name=f"{shape.name}/new_length"))
     nodes.append(ir.Node("", "Add", [nodes[0].outputs[0], nodes[2].outputs[0]], name=f"{shape.name}/total"))
@@ -205,7 +206,8 @@ def _finite_mask(graph: ir.Graph, m: dict, prefix: str) -> tuple[ir.Value, list[
     dtype = m["mask_dtype"].numpy()
     name = f"/model/attn_mask/masked_{dtype.name}"  # one for every layer
     if name not in graph.initializers:
-        graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(np.array(np.finfo(dtype).min, dtype))))
+        graph.register_initializer(ir.Value(name=name, type=ir.TensorType(m["mask_dtype"]), shape=ir.Shape([]),
+                                            const_value=ir.tensor(np.array(np.finfo(dtype).min, dtype))))
     where = m["mask_where"]
     if len(where.outputs[0].consumers()) == 1:
         where.replace_input_with(2, graph.initializers[name])
