@@ -3,7 +3,8 @@
     python bench/nbits_shapes.py [--threads N] [--bits 4 8] [--blocks 32 64 128] [--levels 0 4] [--m 1 8]
 
 One graph per shape with one com.microsoft MatMulNBits node (weights from graphs/precision/nbits.py, symmetric
-as our exports), and a float32 MatMul of the same shape as the reference; onnxruntime's CPU provider, the given
+as our exports), a float32 MatMul and the earlier int8 kernel (DynamicQuantizeMatMul) of the same shape as
+references; onnxruntime's CPU provider, the given
 intra-op threads. Prints a markdown table of microseconds per call (best of --repeats rounds of --calls calls),
 which is what a decode step pays per layer for each of the four MatMuls (and once for the lm_head).
 """
@@ -49,6 +50,20 @@ def matmul_model(k: int, n: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
+def dynamic_model(k: int, n: int) -> bytes:
+    """The earlier int8 kernel: DynamicQuantizeMatMul (activations quantized per tensor, weights per column)."""
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) * 0.02
+    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)  # (N,)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                              [numpy_helper.from_array(q, "w"), numpy_helper.from_array(scale, "s"),
+                               numpy_helper.from_array(np.zeros(n, np.int8), "z")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)]).SerializeToString()
+
+
 def time_model(model: bytes, m: int, k: int, threads: int, calls: int, repeats: int) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -79,18 +94,19 @@ def main() -> None:
     head = " | ".join(f"{b}b bs{bs} L{lv}" for b, bs, lv in configs)
     print(f"onnxruntime {ort.__version__}, {args.threads} threads; µs per call, best of {args.repeats} x "
           f"{args.calls} calls\n")
-    print(f"| shape (K x N) | M | fp32 MatMul | {head} |")
-    print("|---|---|---|" + "---|" * len(configs))
+    print(f"| shape (K x N) | M | fp32 MatMul | int8 DynamicQuantizeMatMul | {head} |")
+    print("|---|---|---|---|" + "---|" * len(configs))
     for name, k, n in SHAPES:
         if name not in args.shapes:
             continue
         models = {c: nbits_model(k, n, *c) for c in configs}
-        reference = matmul_model(k, n)
+        reference, dynamic = matmul_model(k, n), dynamic_model(k, n)
         for m in args.m:
             cells = [time_model(models[c], m, k, args.threads, args.calls, args.repeats) for c in configs]
             fp32 = time_model(reference, m, k, args.threads, args.calls, args.repeats)
-            print(f"| {name} ({k} x {n}) | {m} | {fp32:.0f} | " + " | ".join(f"{c:.0f}" for c in cells) + " |",
-                  flush=True)
+            dyn = time_model(dynamic, m, k, args.threads, args.calls, args.repeats)
+            print(f"| {name} ({k} x {n}) | {m} | {fp32:.0f} | {dyn:.0f} | " + " | ".join(f"{c:.0f}" for c in cells)
+                  + " |", flush=True)
 
 
 if __name__ == "__main__":
