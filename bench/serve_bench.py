@@ -36,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,9 +94,10 @@ def artifact(work: Path, ckpt: Path, precision: str) -> Path:
 class Served:
     def __init__(self, cmd: list, url: str, ready: str, model: str, extra: dict):
         self.cmd, self.url, self.model, self.extra = cmd, url, model, extra
-        self.log = open(os.devnull, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace")
+        # the server's log goes to a file: a pipe nobody reads would block a chatty server (llama-server logs every
+        # request) once its 64 KiB buffer is full
+        self.log = tempfile.TemporaryFile("w+", errors="replace")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -104,9 +106,15 @@ class Served:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd[0]} exited: {self.proc.stdout.read()[-2000:]}")
+                raise RuntimeError(f"{cmd[0]} exited: {self.tail()}")
             time.sleep(0.5)
         raise RuntimeError(f"{cmd} not ready")
+
+    def tail(self, chars: int = 2000) -> str:
+        """The end of the server's log so far."""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-chars:]
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -253,6 +261,9 @@ def main() -> None:
                     line = row(name + (" stag" if args.stagger else ""), precision, clients, out)
                     lines.append(line)
                     print(line, flush=True)
+            except httpx.HTTPError as e:  # the server went away mid-run: say so with its log, go on with the next
+                print(f"| {name} | {precision} | failed: {type(e).__name__}: {e} |", flush=True)
+                print(f"[{name} log] {served.tail()}", file=sys.stderr, flush=True)
             finally:
                 served.stop()
     print("\n".join(lines))
