@@ -239,6 +239,21 @@ def next_tokens(logits: np.ndarray, params: SamplingParams, seen: list, generate
     Returns:
         (batch,) int64 token ids.
     """
+    if params.greedy and params.repetition_penalty == 1.0:
+        return _greedy_without_copy(logits, eos_token_id, generated < params.min_new_tokens)
     if params.greedy:
         return np.argmax(_process(logits, params, seen, generated, eos_token_id), axis=-1).astype(np.int64)
     return sample(next_token_probs(logits, params, seen, generated, eos_token_id), rng)
+
+
+def _greedy_without_copy(logits: np.ndarray, eos_token_id, forbid_eos: bool) -> np.ndarray:
+    """argmax of suppress_eos(logits) without copying the (B, vocab) scores: where the plain argmax is not eos it is
+    also the argmax with eos at -inf (the first maximum; eos was not it); only rows that chose eos are redone."""
+    tokens = np.argmax(logits, axis=-1).astype(np.int64)  # (B,)
+    if not forbid_eos or eos_token_id is None:
+        return tokens
+    for row in np.flatnonzero(tokens == eos_token_id):
+        scores = logits[row].astype(np.float32)  # one row's copy
+        scores[eos_token_id] = -np.inf
+        tokens[row] = int(np.argmax(scores))
+    return tokens

@@ -96,6 +96,24 @@ def test_min_new_tokens_blocks_eos_in_greedy():
     assert next_tokens(logits, _params(min_new_tokens=2), [[]], 2, 1, rng)[0] == 1
 
 
+def test_greedy_fast_path_equals_the_processed_argmax_with_eos_ties():
+    """next_tokens' greedy path (no copy of the scores) against argmax(suppress_eos(...)) on random rows, rows whose
+    best is eos, and rows where eos ties the best score before or after it."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 50)).astype(np.float32)
+    eos = 7
+    logits[1, eos] = 9.0  # eos is the best: the next best must come out while eos is forbidden
+    logits[2, 3] = logits[2, eos] = 9.0  # a tie, the other token first
+    logits[3, eos] = logits[3, 20] = 9.0  # a tie, eos first
+    logits[4, :] = 1.0  # every score equal
+    for generated, min_new in ((0, 2), (2, 2), (0, 0)):
+        fast = next_tokens(logits, _params(min_new_tokens=min_new), [[]] * 6, generated, eos, rng)
+        expected = np.argmax(suppress_eos(logits, eos, generated, min_new), axis=-1)
+        assert fast.tolist() == expected.tolist(), (generated, min_new)
+    assert next_tokens(logits, _params(min_new_tokens=2), [[]] * 6, 0, None, rng).tolist() == \
+        np.argmax(logits, axis=-1).tolist()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
