@@ -293,7 +293,8 @@ def _report(results: dict, table: dict, bandwidth: float, header: str) -> str:
         roof = bandwidth * 1e9 / size if size else float("nan")  # decode steps/s if weights were the only reads
         load = f"{r['load_s']:.2f}" if "load_s" in r else "-"
         lines.append(f"| {engine} | {size / 1e6:.0f} | {load} | {r['b1']:.1f} "
-                     f"| {r['b1'] / best['b1']:.2f} | {r['b1'] / roof:.2f} | {r['b8']:.1f} | {r['b8'] / best['b8']:.2f} "
+                     f"| {r['b1'] / best['b1']:.2f} | {r['b1'] / roof:.2f} | {r['b8']:.1f} "
+                     f"| {r['b8'] / best['b8']:.2f} "
                      f"| {r['b8'] / (8 * roof):.2f} | {r['prefill']:.0f} | {r['prefill'] / best['prefill']:.2f} |")
     lines += ["", f"best peer per workload: " + ", ".join(
         f"{w} {max(peers, key=lambda e: results[e][w]) if peers else '-'} {best[w]:.1f}" for w in WORKLOADS)]
