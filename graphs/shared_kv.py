@@ -12,12 +12,15 @@ too (IO binding, same OrtValue): onnxruntime writes each row's new K/V at slot s
 Rows are right-padded (each row's cache is contiguous from slot 0), so the additive mask is no longer an input
 of attention; causality and each row's length come from seqlens_k. And the logits are gathered before lm_head:
 
-    hidden (B, T, D) ─GatherElements(axis 1, logits_index (B,) broadcast to (B, 1, D))─▶ (B, 1, D) ─▶ lm_head
+    hidden (B, T, D) ─GatherElements(axis 1, logits_index (B*n,) as (B, n, 1) broadcast to (B, n, D))─▶ (B, n, D)
+        ─▶ lm_head
 
-so prefill computes the vocabulary projection for one position per row (each row's last real token).
+so prefill computes the vocabulary projection for one position per row (each row's last real token), and a
+speculative decoding step (runtime/speculative.py) for the n positions of its drafts: logits_index holds n
+positions per row, row after row (n = 1: one per row, as before).
 
 New graph inputs: seqlens_k int32 (batch,) = each row's total length - 1; total_sequence_length int32 scalar =
-the longest row's total length; logits_index int64 (batch,). attention_mask is removed (unused).
+the longest row's total length; logits_index int64 (batch * positions,). attention_mask is removed (unused).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .signature import io_spec
 NAME = "shared_kv"
 KV_LAYOUT = "shared_buffer"  # the manifest's "kv_layout" for this graph (the default graph has no such key)
 SEQLENS, TOTAL, LOGITS_INDEX = "seqlens_k", "total_sequence_length", "logits_index"
+# logits_index's dimension: n positions per row, flattened (a graph made before it took "batch": one per row)
+INDEX_DIM, POSITIONS_DIM = "batch_x_positions", "positions"
 _NORMS = {("", "LayerNormalization"), (MS_DOMAIN, "SkipLayerNormalization"), (MS_DOMAIN, "LayerNormalization")}
 
 
@@ -71,7 +76,7 @@ def _lm_head_input(graph: ir.Graph) -> ir.Value:
 
 
 def _gather_last(graph: ir.Graph, hidden: ir.Value, index: ir.Value) -> None:
-    """hidden (B, T, D) -> (B, 1, D) at index[b] per row; every reader of hidden reads the gathered value."""
+    """hidden (B, T, D) -> (B, n, D) at index (B*n,) per row; every reader of hidden reads the gathered value."""
     prefix = "/model/logits_index"
 
     def const(name, values):
@@ -83,13 +88,15 @@ def _gather_last(graph: ir.Graph, hidden: ir.Value, index: ir.Value) -> None:
     shape = ir.Node("", "Shape", [hidden], name=f"{prefix}/Shape")
     keep = ir.Node("", "Mul", [shape.outputs[0], const("keep", [1, 0, 1])], name=f"{prefix}/Mul")
     one = ir.Node("", "Add", [keep.outputs[0], const("one", [0, 1, 0])], name=f"{prefix}/Add")  # (B, 1, D)
-    idx = ir.Node("", "Reshape", [index, const("col", [-1, 1, 1])], name=f"{prefix}/Reshape")  # (B, 1, 1)
-    wide = ir.Node("", "Expand", [idx.outputs[0], one.outputs[0]], name=f"{prefix}/Expand")  # (B, 1, D)
+    rows = ir.Node("", "Mul", [shape.outputs[0], const("rows", [1, 0, 0])], name=f"{prefix}/Mul_1")
+    col = ir.Node("", "Add", [rows.outputs[0], const("col", [0, -1, 1])], name=f"{prefix}/Add_1")  # [B, -1, 1]
+    idx = ir.Node("", "Reshape", [index, col.outputs[0]], name=f"{prefix}/Reshape")  # (B, n, 1)
+    wide = ir.Node("", "Expand", [idx.outputs[0], one.outputs[0]], name=f"{prefix}/Expand")  # (B, n, D)
     gather = ir.Node("", "GatherElements", [hidden, wide.outputs[0]], [ir.AttrInt64("axis", 1)],
                      name=f"{prefix}/GatherElements")
-    for node in (shape, keep, one, idx, wide, gather):
+    for node in (shape, keep, one, rows, col, idx, wide, gather):
         node.outputs[0].name = f"{node.name}/output_0"  # explicit: auto names could collide with the graph's
-    graph.insert_before(users[0], [shape, keep, one, idx, wide, gather])
+    graph.insert_before(users[0], [shape, keep, one, rows, col, idx, wide, gather])
     for user in users:
         for i, value in enumerate(user.inputs):
             if value is hidden:
@@ -118,7 +125,7 @@ def to_shared_kv(model: ir.Model, result: RuleResult | None = None) -> int:
     batch = pasts[0].shape[0] if pasts[0].shape is not None else "batch"
     seqlens = ir.Value(name=SEQLENS, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch]))
     total = ir.Value(name=TOTAL, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
-    index = ir.Value(name=LOGITS_INDEX, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([batch]))
+    index = ir.Value(name=LOGITS_INDEX, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([INDEX_DIM]))
     ensure_ms_opset(model)
     for mha in mhas:
         _mha_to_gqa(graph, mha, seqlens, total)
@@ -134,7 +141,7 @@ def to_shared_kv(model: ir.Model, result: RuleResult | None = None) -> int:
         if value.name.startswith("present."):
             value.shape = ir.Shape([batch, value.shape[1], "max_sequence", value.shape[3]])
         if value.name == "logits":
-            value.shape = ir.Shape([batch, 1, value.shape[2]])
+            value.shape = ir.Shape([batch, POSITIONS_DIM, value.shape[2]])
     return result.count
 
 

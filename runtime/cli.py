@@ -55,10 +55,21 @@ def cli():
 @click.option("--manifest-sha256", "manifest_sha256", default=None, metavar="HEX",
               help="Refuse the artifact unless its manifest.json has this sha256 (gptexport prints it).")
 @click.option("--stats", is_flag=True, help="Print prefill time and tokens/s to stderr.")
-def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, stats, stop, **settings):
+@click.option("--prompt-lookup", is_flag=True,
+              help="Speculative decoding with drafts from the text itself (n-grams of the prompt and output): the "
+                   "same output, faster when the output repeats the input.")
+@click.option("--draft", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Speculative decoding with a smaller artifact with the same tokenizer as the draft model.")
+@click.option("--speculative-tokens", "num_speculative_tokens", type=int, default=None,
+              help="With --prompt-lookup or --draft: drafts per round at most (default 5; fewer while rejected).")
+def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, stats, stop, prompt_lookup, draft,
+                 **settings):
     """Print the continuation of PROMPT by the model in ARTIFACT."""
+    if prompt_lookup and draft is not None:
+        raise click.UsageError("--prompt-lookup and --draft exclude each other: choose one draft source")
     model = load(artifact, provider=provider, threads=threads, manifest_sha256=manifest_sha256)
     settings["stop"] = list(stop) or None
+    settings["speculative"] = "prompt_lookup" if prompt_lookup else draft
     if stream:
         for piece in model.stream(prompt, **settings):
             click.echo(piece, nl=False)
@@ -70,6 +81,9 @@ def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, s
         s = model.last_stats
         click.echo(f"prefill: {s.prompt_tokens} tokens in {s.prefill_s * 1000:.1f} ms; decode: {s.new_tokens} "
                    f"tokens, {s.decode_tokens_per_s:.1f} tokens/s", err=True)
+        if settings["speculative"] is not None:
+            click.echo(f"speculative: {s.accepted} of {s.drafted} drafted tokens accepted "
+                       f"({100 * s.acceptance_rate:.1f} %)", err=True)
 
 
 @cli.command("serve")

@@ -11,6 +11,7 @@ finished rows are fed `pad_token_id`, and the repetition penalty sees each row's
 not its left padding, as transformers' processor does (`prompt_ignore_length`, the padding lengths).
 """
 
+import functools
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from .errors import ArtifactError, GenerationError
 from .manifest import check_pin, load_manifest, manifest_digest, read_verified
 from .onnx_refs import check_external_data
 from .beam import beam_search
+from . import speculative as speculation
 from .sampling import SamplingParams, _check_float, next_tokens
 from .session import Decoder, check_cuda_placement, check_threads, create_session
 
@@ -47,6 +49,8 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     batches: int = 0  # a prompt list longer than max_batch_size runs as several batches, one after the other
+    drafted: int = 0  # speculative decoding: draft tokens the model checked (every row of every batch)
+    accepted: int = 0  # ... and those it accepted
 
     def add(self, part: "Stats") -> None:
         """Fold one batch's figures into a call's: rows and times add up, lengths are the longest."""
@@ -56,6 +60,13 @@ class Stats:
         self.prefill_s += part.prefill_s
         self.decode_s += part.decode_s
         self.batches += 1
+        self.drafted += part.drafted
+        self.accepted += part.accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Speculative decoding: accepted / drafted (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -253,7 +264,7 @@ class Model:
     def generate(self, prompt, max_new_tokens=None, min_new_tokens=0, do_sample=None, temperature=None,
                  top_k=None, top_p=None, repetition_penalty=None, seed=None, stop=None, return_tokens=False,
                  return_logprobs=False, num_beams=1, length_penalty=1.0, early_stopping=False, eos_token_id=None,
-                 return_result=False, max_batch_size=None):
+                 return_result=False, max_batch_size=None, speculative=None, num_speculative_tokens=None):
         """Generate a continuation for one prompt or a left-padded batch of prompts.
 
         Args:
@@ -284,6 +295,11 @@ class Model:
             max_batch_size: prompts run as one batch at most (None: `model.max_batch_size`, 16 by default); a
                 longer list runs as consecutive batches, with the same greedy and beam outputs as one batch (and
                 seeded sampling as reproducible, one random stream across the batches), so memory stays bounded.
+            speculative: None (plain decoding), "prompt_lookup" (drafts are n-grams of the prompt and the text so
+                far) or a draft artifact directory (a smaller model with the same tokenizer; or a loaded Model):
+                drafted tokens are checked in one graph call, so greedy output is the same token for token and
+                sampling has the same distribution (runtime/speculative.py); Stats count drafted/accepted.
+            num_speculative_tokens: drafts per round at most (None: 5); fewer while drafts are rejected.
         Returns:
             The continuation text (str, or list of str for a list prompt); with `return_tokens` and/or
             `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order; with
@@ -300,6 +316,7 @@ class Model:
         eos = self._eos(eos_token_id)
         length_penalty = _check_beam(num_beams, length_penalty, early_stopping, params.do_sample)
         size = self._batch_size(max_batch_size)
+        run = self._runner(speculative, num_speculative_tokens, num_beams)
         if num_beams > 1:
             if stops:
                 raise GenerationError("stop strings are not supported with beam search (num_beams > 1)")
@@ -311,8 +328,8 @@ class Model:
             if num_beams > 1:
                 self._beam(chunk, params, int(num_beams), length_penalty, early_stopping, eos, part)
             else:
-                for _ in self._run(chunk, params, rng, stops, live_text=bool(stops), eos=eos, stats=part,
-                                   logprobs=return_logprobs or return_result):
+                for _ in run(chunk, params, rng, stops, live_text=bool(stops), eos=eos, stats=part,
+                             logprobs=return_logprobs or return_result):
                     pass
             stats.add(part)
         self.last_stats = stats  # this thread's
@@ -329,7 +346,7 @@ class Model:
 
     def stream(self, prompt: str, max_new_tokens=None, min_new_tokens=0, do_sample=None, temperature=None,
                top_k=None, top_p=None, repetition_penalty=None, seed=None, stop=None, num_beams=1, length_penalty=1.0,
-               early_stopping=False, eos_token_id=None):
+               early_stopping=False, eos_token_id=None, speculative=None, num_speculative_tokens=None):
         """Generate for one prompt, yielding text pieces as they become stable.
 
         A piece never splits a multi-byte character (text ending in U+FFFD is held back) and never shows the
@@ -355,16 +372,30 @@ class Model:
                               repetition_penalty, rows)
         _check_seed(seed)
         stats = Stats()
+        run = self._runner(speculative, num_speculative_tokens, num_beams)
         pieces = self._stream(rows, params, np.random.default_rng(seed), _normalize_stops(stop),
-                              self._eos(eos_token_id), stats)
+                              self._eos(eos_token_id), stats, run)
         return TextStream(pieces, rows[0], stats)
 
     # -- the loop --------------------------------------------------------------------------------------------
 
-    def _stream(self, rows: list, params: SamplingParams, rng, stops: list, eos, stats: Stats):
+    def _runner(self, speculative, num_speculative_tokens, num_beams):
+        """The loop of a call: `_run`, or speculative decoding's (runtime/speculative.py) with its draft resolved."""
+        if speculative is None:
+            if num_speculative_tokens is not None:
+                raise GenerationError("num_speculative_tokens needs speculative ('prompt_lookup' or a draft "
+                                      "artifact directory)")
+            return self._run
+        k = speculation.check_tokens(num_speculative_tokens)
+        if num_beams > 1:
+            raise GenerationError("speculative decoding is not supported with beam search (num_beams > 1)")
+        draft = speculation.resolve(self, speculative)
+        return functools.partial(speculation.run, self, draft, k)
+
+    def _stream(self, rows: list, params: SamplingParams, rng, stops: list, eos, stats: Stats, run=None):
         row, emitted = rows[0], ""
         stats.batches = 1
-        for _ in self._run(rows, params, rng, stops, live_text=True, eos=eos, stats=stats):
+        for _ in (run or self._run)(rows, params, rng, stops, live_text=True, eos=eos, stats=stats):
             text = row.text if row.done else self._stable(row.text, stops)
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted):]

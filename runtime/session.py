@@ -276,6 +276,10 @@ class KVCache:
         indices = np.asarray(indices, dtype=np.int64)
         self.values = {past: np.take(value, indices, axis=0) for past, value in self.values.items()}
 
+    def truncate(self, length: int) -> None:
+        """Speculative decoding: keep the first `length` positions of every row (rejected drafts are dropped)."""
+        self.values = {past: np.ascontiguousarray(value[:, :, :length]) for past, value in self.values.items()}
+
 
 class DeviceKVCache(KVCache):
     """CUDA cache: presents stay on the device as OrtValues and are bound as the next pasts."""
@@ -295,6 +299,12 @@ class DeviceKVCache(KVCache):
         indices = np.asarray(indices, dtype=np.int64)
         self.values = {past: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.take(value.numpy(), indices,
                                                                                            axis=0)),
+                                                              "cuda", self.device_id)
+                       for past, value in self.values.items()}
+
+    def truncate(self, length: int) -> None:
+        """As `KVCache.truncate`, through the host."""
+        self.values = {past: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value.numpy()[:, :, :length]),
                                                               "cuda", self.device_id)
                        for past, value in self.values.items()}
 

@@ -51,7 +51,9 @@ def test_export_validates_and_the_manifest_describes_the_variant(shared_export, 
     assert m["passes"]["counts"]["shared_kv"] == m["passes"]["expected"]["shared_kv"] == 2  # one per layer
     assert [i["name"] for i in m["inputs"]] == shared_kv.input_names(DEFAULT_INPUTS)
     assert {i["name"]: i["shape"] for i in m["inputs"]}["past_key_values.0.key"][2] == "max_sequence"
-    assert {o["name"]: o["shape"] for o in m["outputs"]}["logits"][1] == 1
+    # logits at the positions logits_index lists per row (one at prefill and decode; a speculative step's drafts)
+    assert {o["name"]: o["shape"] for o in m["outputs"]}["logits"][1] == shared_kv.POSITIONS_DIM
+    assert {i["name"]: i["shape"] for i in m["inputs"]}["logits_index"] == [shared_kv.INDEX_DIM]
     v = m["validation"]
     assert v["passed"], v
     assert v["logits_max_abs_diff"] <= LOGITS_ATOL["float32"] and v["greedy_agreement_strict"] == 1.0

@@ -92,3 +92,25 @@ def test_errors_are_one_line_exit_2(artifact, tmp_path, args, message):
     assert result.stderr.startswith("gptrun: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup"], ["--prompt-lookup", "--speculative-tokens", 2],
+                                   ["--draft", None]])
+def test_speculative_flags_print_the_same_text_and_the_acceptance(artifact, flags):
+    flags = [artifact if f is None else f for f in flags]  # the artifact drafts for itself: same tokenizer
+    result = gptrun("generate", artifact, "xa", "--max-new-tokens", 20, "--stats", *flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == CONTINUATION + "\n"
+    assert "speculative:" in result.stderr and "drafted tokens accepted" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-lookup", "--draft", "."], "--prompt-lookup and --draft exclude each other"),
+    (["--prompt-lookup", "--speculative-tokens", 0], "num_speculative_tokens must be an integer in [1, 64], got 0"),
+    (["--speculative-tokens", 3], "num_speculative_tokens needs speculative"),
+    (["--draft", "/nonexistent-draft"], "no such directory")])
+def test_speculative_bad_flags_are_one_line(artifact, flags, message):
+    result = gptrun("generate", artifact, "xa", "--max-new-tokens", 4, *flags)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,490 @@
+"""Speculative decoding: draft several tokens cheaply, check them all in one graph call, keep what the model agrees
+with. The output is the plain loop's: greedy token for token, sampling in distribution.
+
+```
+ round:  drafts d1..dn per row (prompt lookup: an n-gram of the text so far; or a draft model, n steps)
+         target step on [t, d1..dn] (B, 1+n) ──▶ logits (B, 1+n, vocab)      t: the last emitted token
+         j = 0..n: the target's own choice c_j at position j is emitted; d_{j+1} is accepted while it equals c_j
+                   (sampling: the speculative sampling rule, Leviathan et al. 2023 / Chen et al. 2023)
+         each row keeps t, d1..da in the cache (a accepted), the rest is dropped; c_a is the next round's t
+```
+
+A round emits 1 + a tokens per row for one call of the target, which reads its weights once: at the memory
+bandwidth roof that is the whole cost of a step, so accepted drafts are close to free.
+
+Rows of a batch accept different counts. Every model's cache is driven through a `_Tape`: `extend` feeds S
+right-padded tokens per row, `keep(kept)` keeps the first kept[b] of them. The default ("concat") graph cuts the
+cache at the longest row's kept length and masks the rest of each row out (a zero in attention_mask: the graphs
+take holes, and their positions come from the count of real tokens); the shared_buffer graph rewinds each row's
+length, and the next write overwrites what was dropped.
+
+Speculation backs off when drafts are rejected (`_Schedule`): K follows transformers' heuristic for assisted
+generation (+2 when every draft was accepted, -1 otherwise), and a round with nothing accepted pauses speculation
+for 1, 2, 4 .. 32 plain steps, so text the drafts cannot predict costs little more than plain decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+from .errors import GenerationError
+from .kv import SharedKVCache
+
+INDEX_DIM = "batch_x_positions"  # graphs/shared_kv.py (the runtime does not import graphs)
+# onnxruntime's CPU GroupQueryAttention: "batch_size must be 1 when sequence_length > 1 and past context is given"
+SHARED_BATCH = ("speculative decoding with a shared_buffer artifact runs one prompt at a time (onnxruntime's "
+                "GroupQueryAttention takes several new tokens after a past at batch 1 only): pass one prompt, "
+                "max_batch_size=1, or use a concat artifact")
+from .sampling import SamplingParams, next_token_probs, next_tokens, sample
+
+PROMPT_LOOKUP = "prompt_lookup"
+DEFAULT_SPECULATIVE_TOKENS = 5  # K: drafts per round at most (transformers' assisted generation starts at 5)
+MAX_SPECULATIVE_TOKENS = 64
+NGRAM_SIZES = (3, 2, 1)  # prompt lookup: the longest suffix of the text that occurred before wins
+MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing
+
+
+# -- drafts ------------------------------------------------------------------------------------------------------
+
+class NgramIndex:
+    """Prompt lookup for one sequence: where each n-gram (n in NGRAM_SIZES) last occurred, updated as ids arrive.
+
+    `propose(k)` finds the longest suffix of the ids that occurred before (its latest earlier occurrence) and
+    proposes the k ids that followed it: a dict lookup per n, not a scan of the text.
+    """
+
+    def __init__(self, ids: list):
+        self.ids = list(ids)
+        self.follows = {n: {} for n in NGRAM_SIZES}  # n -> n-gram -> index of the id after its latest occurrence
+        self.indexed = 0  # n-grams ending before ids[indexed] are in `follows`
+
+    def append(self, token: int) -> None:
+        self.ids.append(token)
+
+    def propose(self, k: int) -> list:
+        """Up to k ids that followed the latest earlier occurrence of the longest matching suffix ([] if none)."""
+        ids, end = self.ids, len(self.ids) - 1
+        for i in range(max(self.indexed, 1), end):  # n-grams ending at i-1 (the suffix itself is not indexed)
+            for n in NGRAM_SIZES:
+                if i >= n:
+                    self.follows[n][tuple(ids[i - n:i])] = i
+        self.indexed = max(self.indexed, end)
+        for n in NGRAM_SIZES:
+            if len(ids) > n:
+                at = self.follows[n].get(tuple(ids[-n:]))
+                if at is not None:
+                    return ids[at:at + k]
+        return []
+
+
+class PromptLookup:
+    """Drafts from the text itself (prompt and generated ids); the draft distribution is a point mass."""
+
+    def __init__(self, seen: list):
+        self.index = [NgramIndex(ids) for ids in seen]
+
+    def propose(self, counts: list, params: SamplingParams, rng):
+        """Up to counts[b] drafts per row: (id lists, None: point masses)."""
+        return [self.index[b].propose(k) if k else [] for b, k in enumerate(counts)], None
+
+    def accepted(self, emitted: list) -> None:
+        """Each row's ids emitted this round, in order."""
+        for index, ids in zip(self.index, emitted):
+            for token in ids:
+                index.append(token)
+
+
+class DraftModel:
+    """A smaller artifact with the same tokenizer drafts k tokens by decoding them with its own cache.
+
+    Its cache follows the target's text: a round first feeds what the draft has not seen (`pending`: the ids the
+    target emitted since, which the draft did not draft and keep), then decodes k drafts; `accepted` rewinds the
+    drafts the target rejected.
+    """
+
+    def __init__(self, model, input_ids: np.ndarray, mask: np.ndarray, capacity: int, seen: list):
+        self.model = model
+        self.tape = _Tape(model.decoder, len(input_ids), capacity, model.max_positions)
+        self.tape.prefill(input_ids, mask)
+        self.pending = [[] for _ in seen]  # per row: ids the draft's cache has not seen yet
+        self.seen = [list(ids) for ids in seen]  # the draft's repetition-penalty view (its drafts included)
+        self.fed = 0  # drafts of the last round that went into the draft's cache
+
+    def propose(self, counts: list, params: SamplingParams, rng):
+        """Up to counts[b] drafts per row, and the distributions they were drawn from (None when greedy)."""
+        batch, k = len(counts), max(counts)
+        lengths = [max(len(p), 1) for p in self.pending]  # a row with nothing pending is fed one padding id
+        feed = np.full((batch, max(lengths)), self.model.pad_token_id, dtype=np.int64)  # (B, P) right-padded
+        for b, ids in enumerate(self.pending):
+            feed[b, :len(ids)] = ids
+        logits = self.tape.extend(feed, lengths, all_logits=False)[:, 0, :]  # (B, V) after each row's last
+        self.tape.keep([len(p) for p in self.pending])
+        self.pending = [[] for _ in counts]
+        drafts, dists = [[] for _ in counts], None if params.greedy else [[] for _ in counts]
+        for j in range(k):
+            if params.greedy:
+                chosen = next_tokens(logits, params, self.seen, 0, None, rng)  # (B,)
+            else:
+                probs = next_token_probs(logits, params, self.seen, 0, None)  # (B, V)
+                chosen = sample(probs, rng)
+            for b, token in enumerate(chosen.tolist()):
+                if j < counts[b]:
+                    drafts[b].append(token)
+                    if dists is not None:
+                        dists[b].append(probs[b])
+            if j + 1 < k:  # the last draft is not fed: the target's verdict decides what comes next
+                logits = self.tape.extend(chosen[:, None], [1] * batch, all_logits=False)[:, 0, :]
+                self.tape.keep([1] * batch)
+                for ids, token in zip(self.seen, chosen.tolist()):
+                    ids.append(token)
+        self.fed = max(k - 1, 0)
+        return drafts, dists
+
+    def accepted(self, emitted: list) -> None:
+        """Each row's ids emitted this round (accepted drafts, then the target's own): rewind the draft's cache to
+        the accepted drafts it holds, and queue the rest."""
+        keep = []
+        for b, ids in enumerate(emitted):
+            held = min(max(len(ids) - 1, 0), self.fed)  # accepted drafts the draft's cache already holds
+            keep.append(held)
+            self.seen[b] = self.seen[b][:len(self.seen[b]) - self.fed] + list(ids)
+            self.pending[b] += ids[held:]
+        if self.fed:
+            self.tape.rewind(self.fed, keep)
+        self.fed = 0
+
+
+# -- one model's cache, both layouts -------------------------------------------------------------------------------
+
+class _Tape:
+    """A decoder and its cache, fed right-padded blocks of tokens of which each row keeps a prefix.
+
+    Args:
+        decoder: the artifact's Decoder.
+        batch: rows.
+        capacity: cache slots per row (shared_buffer).
+        max_positions: the model's positions (a padding token's position is clipped below it).
+    """
+
+    def __init__(self, decoder, batch: int, capacity: int, max_positions: int):
+        self.decoder, self.max_positions = decoder, max_positions
+        self.cache = decoder.new_cache(batch, capacity=capacity)
+        self.shared = isinstance(self.cache, SharedKVCache)
+        self.mask = np.zeros((batch, 0), dtype=np.int64)  # concat: the attention mask of the cached columns
+        self.real = np.zeros(batch, dtype=np.int64)  # real (unmasked) tokens per row: the next position
+        self.width = 0  # tokens per row of the last `extend`, not yet kept
+
+    def prefill(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The left-padded prompt (B, L); returns the last position's logits (B, 1, V)."""
+        position_ids = np.where(mask == 1, np.cumsum(mask, axis=-1) - 1, 0)  # (B, L)
+        logits = self.decoder.step(input_ids, mask, position_ids, self.cache, logits_to_keep=1)
+        self.mask, self.real = mask.copy(), mask.sum(axis=1).astype(np.int64)
+        return logits
+
+    def extend(self, tokens: np.ndarray, counts, all_logits: bool = True) -> np.ndarray:
+        """Feed (B, S) tokens, row b's first counts[b] real (the rest padding: causally after them, so unseen by
+        them). Follow with `keep`.
+
+        Returns:
+            (B, S, V) logits (a padding position's are meaningless); all_logits False: (B, 1, V), each row's at
+            its last real token.
+        """
+        batch, width = tokens.shape
+        positions = np.minimum(self.real[:, None] + np.arange(width), self.max_positions - 1)  # (B, S)
+        last = np.asarray(counts, dtype=np.int64) - 1  # (B,)
+        if self.shared and batch > 1 and width > 1:  # GroupQueryAttention: several new tokens at batch 1 only
+            if all_logits:
+                raise GenerationError(SHARED_BATCH)
+            logits = np.stack([_shared_extend(self.decoder, self.cache, tokens[:, j:j + 1], positions[:, j:j + 1],
+                                              np.zeros(batch, dtype=np.int64))[:, 0] for j in range(width)], axis=1)
+            logits = logits[np.arange(batch), last][:, None, :]  # (B, 1, V)
+        elif self.shared:
+            index = np.broadcast_to(np.arange(width), (batch, width)) if all_logits else last
+            logits = _shared_extend(self.decoder, self.cache, tokens, positions, index)
+        else:
+            mask = np.concatenate([self.mask, np.ones((batch, width), dtype=np.int64)], axis=1)  # (B, T+S)
+            logits = self.decoder.step(tokens, mask, positions, self.cache, logits_to_keep=width)
+            self.mask = mask
+            if not all_logits:
+                logits = logits[np.arange(batch), last][:, None, :]
+        self.width = width
+        return logits
+
+    def keep(self, kept) -> None:
+        """Keep the first kept[b] tokens of row b of the last `extend` (the rest is dropped from the cache)."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if self.shared:
+            self.cache.lengths = (self.cache.lengths - self.width + kept).astype(np.int32)
+        else:
+            before = self.mask.shape[1] - self.width
+            self._cut(before, kept)
+        self.real += kept
+        self.width = 0
+
+    def rewind(self, steps: int, kept) -> None:
+        """Undo the last `steps` one-token extends except the first kept[b] of them per row (a draft model's
+        rejected drafts)."""
+        kept = np.asarray(kept, dtype=np.int64)
+        if self.shared:
+            self.cache.lengths = (self.cache.lengths - steps + kept).astype(np.int32)
+        else:
+            self._cut(self.mask.shape[1] - steps, kept)
+        self.real += kept - steps
+
+    def _cut(self, before: int, kept: np.ndarray) -> None:
+        """concat: keep columns up to before + max(kept); mask out row b's columns past before + kept[b]."""
+        columns = before + int(kept.max())
+        if columns < self.mask.shape[1]:
+            self.cache.truncate(columns)
+            self.mask = self.mask[:, :columns].copy()
+        for b, n in enumerate(kept.tolist()):
+            self.mask[b, before + n:] = 0
+
+
+def _shared_extend(decoder, cache: SharedKVCache, tokens: np.ndarray, positions: np.ndarray,
+                   index: np.ndarray) -> np.ndarray:
+    """A shared_buffer graph step on S tokens per row after the cached ones: each row's S new K/V go to slots
+    lengths[b].. of its buffer (`keep` rewinds the lengths past what is dropped).
+
+    Args:
+        index: (B,) one position per row, or (B, S) positions per row: the graph's logits_index (a graph made
+            before speculative decoding takes (B,) only).
+    Returns:
+        (B, 1 or S, V) logits.
+    """
+    batch, width = tokens.shape
+    lengths = cache.lengths.astype(np.int64) + width  # (B,)
+    total = int(lengths.max())
+    if total > cache.capacity:
+        raise ValueError(f"KV cache of {cache.capacity} slots is full")
+    if index.ndim == 2 and index.shape[1] > 1:
+        shape = next(i.shape for i in decoder.session.get_inputs() if i.name == "logits_index")
+        if shape != [INDEX_DIM]:
+            raise GenerationError("this shared_buffer artifact's graph returns one position's logits per row, "
+                                  "which cannot check drafts: re-export it with this gptexport, or use a concat "
+                                  "artifact")
+    index = index.reshape(-1)  # (B * n,): n positions per row, row after row
+    binding = decoder.session.io_binding()
+    for name, array in (("input_ids", tokens), ("position_ids", positions),
+                        ("seqlens_k", (lengths - 1).astype(np.int32)),
+                        ("total_sequence_length", np.array(total, dtype=np.int32)),
+                        ("logits_index", index.astype(np.int64))):
+        binding.bind_cpu_input(name, np.ascontiguousarray(array))
+    binding.bind_output("logits")
+    cache.bind(binding)
+    decoder.session.run_with_iobinding(binding)
+    cache.lengths = lengths.astype(np.int32)
+    return binding.get_outputs()[0].numpy()
+
+
+# -- how many drafts -----------------------------------------------------------------------------------------------
+
+class _Schedule:
+    """K per round: +2 when every draft was accepted, -1 otherwise (transformers' heuristic); a round that accepted
+    nothing pauses speculation for 1, 2, 4 .. MAX_PAUSE plain steps (reset by a round that accepted any)."""
+
+    def __init__(self, k_max: int):
+        self.k_max, self.k = k_max, k_max
+        self.pause, self.wait = 0, 0
+
+    def next_k(self) -> int:
+        if self.wait > 0:
+            self.wait -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, self.k - 1)
+        if accepted == 0:
+            self.pause = min(max(1, 2 * self.pause), MAX_PAUSE)
+            self.wait = self.pause
+        else:
+            self.pause = 0
+
+
+# -- the loop ------------------------------------------------------------------------------------------------------
+
+def check_tokens(k) -> int:
+    """Validate num_speculative_tokens (None: the default)."""
+    if k is None:
+        return DEFAULT_SPECULATIVE_TOKENS
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise GenerationError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], "
+                              f"got {k!r}")
+    return int(k)
+
+
+_DRAFT_LOCK = threading.Lock()
+
+
+def resolve(model, speculative):
+    """`speculative` as given to generate -> PROMPT_LOOKUP or a loaded draft Model (cached on the target).
+
+    Raises:
+        GenerationError: neither "prompt_lookup" nor a loadable artifact, or a draft whose tokenizer or vocabulary
+            differs from the target's.
+        ArtifactError: the draft artifact is incomplete or modified (as `load`).
+    """
+    from .model import Model, load
+
+    if speculative == PROMPT_LOOKUP or isinstance(speculative, Model):
+        draft = speculative
+    elif isinstance(speculative, (str, os.PathLike)):
+        if not os.path.isdir(speculative):
+            raise GenerationError(f"speculative must be {PROMPT_LOOKUP!r} or a draft artifact directory, got "
+                                  f"{str(speculative)!r} (no such directory)")
+        key = os.path.realpath(speculative)
+        with _DRAFT_LOCK:
+            drafts = model.__dict__.setdefault("_drafts", {})
+            if key not in drafts:
+                drafts[key] = load(speculative, provider=model.decoder.provider)
+            draft = drafts[key]
+    else:
+        raise GenerationError(f"speculative must be None, {PROMPT_LOOKUP!r} or a draft artifact directory, got "
+                              f"{type(speculative).__name__}")
+    if draft is not PROMPT_LOOKUP:
+        _check_draft(model, draft)
+    return draft
+
+
+def _check_draft(model, draft) -> None:
+    ours, theirs = model.manifest["config"]["vocab_size"], draft.manifest["config"]["vocab_size"]
+    if ours != theirs:
+        raise GenerationError(f"draft model's vocabulary has {theirs} tokens, the target's {ours}: a draft must "
+                              f"use the target's tokenizer")
+    if draft.tokenizer.get_vocab(with_added_tokens=True) != model.tokenizer.get_vocab(with_added_tokens=True):
+        raise GenerationError("draft model's tokenizer differs from the target's (another vocabulary): a draft "
+                              "must use the target's tokenizer")
+
+
+def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops: list, live_text: bool, eos,
+        stats, logprobs: bool = True):
+    """Speculative `Model._run`: generate into `rows` (one batch), yielding after every round.
+
+    Args:
+        model: the target Model.
+        draft: PROMPT_LOOKUP or a draft Model (see `resolve`).
+        k_max: drafts per round at most.
+        rows, params, rng, stops, live_text, eos, stats, logprobs: as `Model._run`; stats also count drafted and
+            accepted.
+    """
+    input_ids, mask = model._left_pad(rows)  # (B, L)
+    batch = len(rows)
+    if model.decoder.shared and batch > 1:
+        raise GenerationError(SHARED_BATCH)
+    seen = [list(row.prompt) for row in rows]  # the repetition penalty's view, as `Model._run`
+    capacity = input_ids.shape[1] + params.max_new_tokens + k_max + 1  # a round may write k_max + 1 past the end
+    stats.batch, stats.prompt_tokens = batch, int(input_ids.shape[1])
+    model.last_stats = stats  # this thread's
+    start = time.perf_counter()
+    tape = _Tape(model.decoder, batch, capacity, model.max_positions)
+    logits = tape.prefill(input_ids, mask)[:, -1, :]  # (B, V)
+    drafter = (PromptLookup(seen) if draft == PROMPT_LOOKUP
+               else DraftModel(draft, input_ids, mask, capacity, seen))
+    stats.prefill_s = time.perf_counter() - start
+    for b, row in enumerate(rows):  # the first token comes from the prefill, as in the plain loop
+        token, _ = _choose(row, seen[b], logits[b], None, None, params, rng, eos)
+        _emit(model, row, seen[b], logits[b], token, stops, live_text, eos, logprobs)
+    drafter.accepted([list(row.tokens) for row in rows])
+    schedule = _Schedule(k_max)
+    stats.new_tokens = 1
+    yield 1
+    while True:
+        live = [_live(row, params) for row in rows]
+        if not any(live):
+            break
+        k = schedule.next_k()
+        room = [min(k, params.max_new_tokens - len(row.tokens) - 1) if on else 0 for row, on in zip(rows, live)]
+        drafts, dists = drafter.propose(room, params, rng) if max(room) > 0 else ([[] for _ in rows], None)
+        feed = np.full((batch, 1 + max(len(d) for d in drafts)), model.pad_token_id, dtype=np.int64)  # (B, 1+n)
+        for b, ids in enumerate(drafts):
+            feed[b, 0] = seen[b][-1]  # t: the last emitted id (a finished row: padding, as the plain loop)
+            feed[b, 1:1 + len(ids)] = ids
+        logits = tape.extend(feed, [1 + len(d) for d in drafts])  # (B, 1+n, V)
+        emitted, kept = [], []
+        for b, row in enumerate(rows):
+            if not live[b]:  # a finished row is fed padding and keeps one column per round, as in the plain loop
+                seen[b].append(model.pad_token_id)
+                emitted.append([])
+                kept.append(1)
+                continue
+            got = _verify(model, row, seen[b], logits[b], drafts[b], dists[b] if dists else None, params, rng,
+                          stops, live_text, eos, logprobs)
+            emitted.append(row.tokens[len(row.tokens) - got:])
+            kept.append(got)  # t and the accepted drafts
+        tape.keep(kept)
+        drafter.accepted(emitted)
+        drafted = sum(len(d) for d in drafts)
+        accepted = sum(len(e) - 1 for e in emitted if e)
+        schedule.update(drafted, accepted)
+        stats.drafted += drafted
+        stats.accepted += accepted
+        stats.new_tokens = max(len(row.tokens) for row in rows)
+        stats.decode_s = time.perf_counter() - start - stats.prefill_s
+        yield stats.new_tokens
+    stats.decode_s = time.perf_counter() - start - stats.prefill_s
+    if not live_text:
+        for row in rows:
+            row.text = model._decode([t for t in row.tokens if t != eos])
+
+
+def _live(row, params) -> bool:
+    return not row.done and len(row.tokens) < params.max_new_tokens
+
+
+def _verify(model, row, seen: list, logits: np.ndarray, drafts: list, dists, params, rng, stops, live_text, eos,
+            logprobs: bool) -> int:
+    """Emit the target's tokens for one row from its (1+n, V) logits: position j's choice is emitted, and the next
+    position counts only while the choice was the draft. Returns how many tokens were emitted (1 + accepted)."""
+    for j in range(len(drafts) + 1):
+        draft = drafts[j] if j < len(drafts) else None
+        token, agreed = _choose(row, seen, logits[j], draft, dists[j] if dists and draft is not None
+                                else None, params, rng, eos)
+        _emit(model, row, seen, logits[j], token, stops, live_text, eos, logprobs)
+        if not agreed or row.done or len(row.tokens) >= params.max_new_tokens:
+            return j + 1
+    return len(drafts) + 1
+
+
+def _choose(row, seen: list, logits: np.ndarray, draft, dist, params: SamplingParams, rng, eos):
+    """The token the target emits at one position, and whether it is the draft (which then counts as accepted).
+
+    Greedy: the argmax, as the plain loop. Sampling: the draft is accepted with probability min(1, p(d) / q(d))
+    (q a point mass for prompt lookup: p(d)); otherwise the token is drawn from max(p - q, 0), renormalised. The
+    emitted token is then distributed as p exactly (Leviathan et al. 2023, appendix A.1).
+    """
+    generated = len(row.tokens)
+    scores = logits[None, :]  # (1, V)
+    if params.greedy:
+        token = int(next_tokens(scores, params, [seen], generated, eos, rng)[0])
+        return token, draft is not None and token == draft
+    p = next_token_probs(scores, params, [seen], generated, eos)[0]  # (V,) float64
+    if draft is None:
+        return int(sample(p[None, :], rng)[0]), False
+    q_d = 1.0 if dist is None else float(dist[draft])
+    if q_d > 0 and rng.random() * q_d < p[draft]:
+        return int(draft), True
+    if dist is None:
+        residual = p.copy()
+        residual[draft] = 0.0
+    else:
+        residual = np.maximum(p - dist, 0.0)
+    if residual.sum() <= 0:  # p == q: a rejection had probability 0 (rounding); p itself is the answer
+        residual = p
+    return int(sample((residual / residual.sum())[None, :], rng)[0]), False
+
+
+def _emit(model, row, seen: list, logits: np.ndarray, token: int, stops, live_text, eos, logprobs: bool) -> None:
+    """As `Model._advance` for one live row: append to the penalty's view, the logprob (when asked), then emit."""
+    from .model import _log_softmax_at
+
+    seen.append(token)
+    if logprobs:
+        row.logprobs.append(float(_log_softmax_at(logits[None, :], np.array([token]))[0]))
+    model._emit(row, token, stops, live_text, eos)

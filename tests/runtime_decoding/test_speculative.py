@@ -1,0 +1,224 @@
+"""Speculative decoding (runtime/speculative.py) on tiny random models: the output is plain decoding's.
+
+Greedy: token for token what plain greedy gives, for prompt lookup and a draft model, batch 1 and a left-padded
+batch, both KV layouts, with stop strings, eos, min_new_tokens and a repetition penalty. Sampling: the acceptance
+rule draws from the target's distribution exactly, checked by chi-square on synthetic distributions (with a
+negative control that must be rejected) and end to end against plain sampling. The trained-checkpoint cases are
+in tests/quality/test_speculative_trained.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from gptexport import runtime
+from gptexport.exporter.artifact import convert_to_shared_buffer
+from gptexport.runtime import speculative as spec
+from gptexport.runtime.errors import GenerationError
+from gptexport.runtime.sampling import SamplingParams, softmax
+
+from runtime_decoding.test_sampling_distribution import ALPHA, goodness_of_fit, two_sample
+
+# Text the tiny random models loop on, so drafts get accepted and rejected both
+PROMPTS = ["Hello world, hello world, hello world", "a b c d a b c d a b", "The cat sat on the mat. The cat"]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def models(tiny_export, tmp_path_factory):
+    """(target, draft dir, shared_buffer target, its dir): tiny GPT-2, its n_inner variant as draft (same tokenizer)."""
+    _, target_dir, _ = tiny_export("gpt2")
+    _, draft_dir, _ = tiny_export("gpt2-n_inner")
+    shared_dir = tmp_path_factory.mktemp("spec-shared") / "artifact"
+    convert_to_shared_buffer(target_dir, shared_dir)
+    return runtime.load(target_dir), draft_dir, runtime.load(shared_dir), shared_dir
+
+
+def assert_same_tokens(model, prompt, speculative, k=None, **settings):
+    plain = model.generate(prompt, return_result=True, **settings)
+    fast = model.generate(prompt, return_result=True, speculative=speculative, num_speculative_tokens=k, **settings)
+    for i, (a, b) in enumerate(zip(plain.completions, fast.completions)):
+        assert b.tokens == a.tokens, f"row {i}: speculative {b.tokens} != plain {a.tokens}"
+        assert (b.text, b.finish_reason, b.generated_tokens) == (a.text, a.finish_reason, a.generated_tokens)
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-4)
+    return fast.stats
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_prompt_lookup_greedy_equals_plain_batch_and_single(models, k):
+    model, _, _, _ = models
+    stats = assert_same_tokens(model, PROMPTS, "prompt_lookup", k, max_new_tokens=NEW)
+    assert_same_tokens(model, PROMPTS[1], "prompt_lookup", k, max_new_tokens=NEW)
+    assert stats.drafted > 0 and 0 < stats.accepted <= stats.drafted  # drafts were made, some kept
+
+
+def test_draft_model_greedy_equals_plain(models):
+    model, draft_dir, _, _ = models
+    stats = assert_same_tokens(model, PROMPTS, str(draft_dir), 4, max_new_tokens=NEW)
+    assert stats.drafted > 0
+    assert_same_tokens(model, PROMPTS[0], draft_dir, 4, max_new_tokens=NEW)
+
+
+def test_shared_buffer_layout_rewinds_and_equals_plain(models):
+    model, draft_dir, shared, shared_dir = models
+    for prompt in PROMPTS:
+        assert_same_tokens(shared, prompt, "prompt_lookup", 4, max_new_tokens=NEW)
+    assert_same_tokens(shared, PROMPTS[1], str(draft_dir), 3, max_new_tokens=NEW)
+    # a batch of prompts runs one at a time (GroupQueryAttention takes several new tokens at batch 1 only)
+    assert_same_tokens(shared, PROMPTS, "prompt_lookup", 4, max_new_tokens=NEW, max_batch_size=1)
+    with pytest.raises(GenerationError, match="one prompt at a time"):
+        shared.generate(PROMPTS, max_new_tokens=4, speculative="prompt_lookup")
+    # the shared draft model with a batch feeds its catch-up tokens one step at a time
+    assert_same_tokens(model, PROMPTS, str(shared_dir), 3, max_new_tokens=NEW)
+
+
+def test_endings_stops_and_processors_equal_plain(models):
+    model, draft_dir, _, _ = models
+    tokens = model.generate(PROMPTS[0], max_new_tokens=NEW, return_tokens=True)[1]
+    eos = tokens[5]  # a token the greedy text emits: it ends the row there
+    for source in ("prompt_lookup", str(draft_dir)):
+        assert_same_tokens(model, PROMPTS, source, 4, max_new_tokens=NEW, eos_token_id=eos)
+        assert_same_tokens(model, PROMPTS, source, 4, max_new_tokens=NEW, eos_token_id=eos, min_new_tokens=10)
+        assert_same_tokens(model, PROMPTS, source, 4, max_new_tokens=NEW, repetition_penalty=1.3)
+        text = model.generate(PROMPTS[1], max_new_tokens=NEW)
+        assert_same_tokens(model, PROMPTS, source, 4, max_new_tokens=NEW, stop=[text[4:7]])
+        assert_same_tokens(model, PROMPTS, source, 4, max_new_tokens=1)
+        assert_same_tokens(model, PROMPTS, source, 4, max_new_tokens=2)
+
+
+def test_stream_pieces_join_to_the_text(models):
+    model, _, _, _ = models
+    pieces = model.stream(PROMPTS[1], max_new_tokens=NEW, speculative="prompt_lookup")
+    text = "".join(pieces)
+    assert text == model.generate(PROMPTS[1], max_new_tokens=NEW)
+    assert pieces.stats.drafted > 0
+
+
+def test_bad_settings_are_one_clear_error(models, tmp_path):
+    model, _, _, _ = models
+    cases = [(dict(speculative="prompt_lookup", num_speculative_tokens=0), "num_speculative_tokens must be"),
+             (dict(speculative="prompt_lookup", num_speculative_tokens=True), "num_speculative_tokens must be"),
+             (dict(num_speculative_tokens=3), "needs speculative"),
+             (dict(speculative=str(tmp_path / "missing")), "no such directory"),
+             (dict(speculative=3), "speculative must be"),
+             (dict(speculative="prompt_lookup", num_beams=2), "not supported with beam search")]
+    for kwargs, message in cases:
+        with pytest.raises(GenerationError, match=message):
+            model.generate("hi", max_new_tokens=3, **kwargs)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(models, tiny_export):
+    model, _, _, _ = models
+    other = runtime.load(tiny_export("gpt2")[1])
+    other.manifest = {**other.manifest, "config": {**other.manifest["config"], "vocab_size": 1000}}
+    with pytest.raises(GenerationError, match="vocabulary has 1000 tokens"):
+        model.generate("hi", max_new_tokens=3, speculative=other)
+
+
+# -- the schedule and the lookup -------------------------------------------------------------------------------------
+
+def test_schedule_grows_shrinks_and_pauses():
+    s = spec._Schedule(6)
+    s.update(6, 6)
+    assert s.next_k() == 6
+    s.update(6, 2)
+    assert s.next_k() == 5
+    s.update(5, 0)  # nothing accepted: one plain step, then speculation again at a smaller K
+    assert [s.next_k(), s.next_k()] == [0, 4]
+    s.update(4, 0)
+    assert [s.next_k() for _ in range(3)] == [0, 0, 3]
+    for _ in range(10):
+        s.update(1, 0)
+        while s.next_k() == 0:
+            pass
+    assert s.pause == spec.MAX_PAUSE and s.k == 1
+    s.update(1, 1)
+    assert s.pause == 0 and s.next_k() == 3
+
+
+def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
+    index = spec.NgramIndex([1, 2, 3, 9, 1, 2, 3, 4, 5, 7, 2, 3])
+    assert index.propose(3) == [4, 5, 7]  # suffix (2, 3): its latest earlier occurrence is followed by 4, 5, 7
+    index.append(4)
+    assert index.propose(2) == [5, 7]  # suffix (2, 3, 4)
+    assert spec.NgramIndex([1, 2, 3]).propose(4) == []
+    index.append(8)
+    assert index.propose(2) == []  # 8 never occurred before
+
+
+# -- sampling: the acceptance rule keeps the target's distribution ---------------------------------------------------
+
+N_RULE = 10000
+
+
+def _draws(logits, draft_dist, draft_token_of, n, seed, rule=spec._choose):
+    """n tokens emitted at one position by the acceptance rule: a draft drawn from q (or fixed), then checked."""
+    params = SamplingParams.create(4, do_sample=True, temperature=1.0, top_k=0)
+    rng = np.random.default_rng(seed)
+    row = runtime.model._Row(prompt=[0])
+    out = []
+    for _ in range(n):
+        draft = draft_token_of(rng)
+        out.append(rule(row, [0], logits, draft, draft_dist, params, rng, None)[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def target():
+    logits = np.random.default_rng(1).normal(0, 1.5, size=12).astype(np.float32)
+    return logits, softmax(logits[None, :])[0]
+
+
+@pytest.mark.parametrize("source", ["point mass (prompt lookup)", "draft distribution"])
+def test_acceptance_rule_draws_from_the_target_distribution(target, source):
+    logits, p = target
+    if source == "draft distribution":
+        q = softmax(np.random.default_rng(2).normal(0, 1.5, size=12)[None, :])[0]
+        draws = _draws(logits, q, lambda rng: int(rng.choice(12, p=q)), N_RULE, 0)
+    else:  # a fixed draft token: every emission is either it (accepted) or from the residual
+        draws = _draws(logits, None, lambda rng: 3, N_RULE, 0)
+    statistic, df, pvalue = goodness_of_fit(draws, dict(enumerate(p)))
+    assert pvalue > ALPHA, f"{source}: chi-square {statistic:.1f} on {df} df, p={pvalue:.2g}"
+
+
+def test_a_wrong_acceptance_rule_is_detected(target):
+    """Negative control: accepting with min(1, p/q) but then drawing from p (not the residual) is biased."""
+    logits, p = target
+    q = softmax(np.random.default_rng(2).normal(0, 1.5, size=12)[None, :])[0]
+
+    def biased(row, seen, logits, draft, dist, params, rng, eos):
+        if rng.random() * dist[draft] < p[draft]:
+            return draft, True
+        return int(rng.choice(12, p=p)), False
+
+    draws = _draws(logits, q, lambda rng: int(rng.choice(12, p=q)), N_RULE, 0, rule=biased)
+    _, _, pvalue = goodness_of_fit(draws, dict(enumerate(p)))
+    assert pvalue < ALPHA
+
+
+N_RUNS = 200
+
+
+@pytest.mark.parametrize("source", ["prompt_lookup", "draft"])
+def test_sampled_text_has_plain_sampling_distribution(models, source):
+    """Seeded runs of 3 tokens, speculative against plain: the third token (past the first round) and the
+    (t2, t3) pairs are indistinguishable by a two-sample chi-square."""
+    model, draft_dir, _, _ = models
+    speculative = "prompt_lookup" if source == "prompt_lookup" else str(draft_dir)
+    settings = dict(max_new_tokens=3, min_new_tokens=3, do_sample=True, temperature=0.1, top_k=8)
+    runs, drafted = {}, 0
+    for name, extra in (("plain", {}), ("speculative", dict(speculative=speculative, num_speculative_tokens=2))):
+        runs[name] = []
+        for seed in range(N_RUNS):
+            result = model.generate(PROMPTS[0], seed=seed, return_result=True, **settings, **extra)
+            runs[name].append(tuple(result.completions[0].tokens))
+            drafted += result.stats.drafted
+    assert drafted > N_RUNS // 4  # the rule was exercised
+    for what, key in (("third token", lambda t: t[2]), ("pair", lambda t: t[1:])):
+        a, b = [key(t) for t in runs["plain"]], [key(t) for t in runs["speculative"]]
+        probs = {k: v / (len(a) + len(b)) for k, v in Counter(a + b).items()}  # pooled, for the bins
+        statistic, df, pvalue = two_sample(a, b, probs)
+        assert pvalue > ALPHA, f"{source} {what}: chi-square {statistic:.1f} on {df} df, p={pvalue:.2g}"
