@@ -114,13 +114,13 @@ def shared_step(session: ort.InferenceSession, cache: SharedKVCache, input_ids: 
     Args:
         input_ids, attention_mask, position_ids: the loop's left-padded view, as for the default graph.
         pad_token_id: fills the right padding at prefill (never attended to).
-        logits_meta: (vocab, numpy dtype) of the logits: decode steps on CPU then run through the request's
+        logits_meta: (vocab, numpy dtype) of the logits: one-token decode steps on CPU then run through the request's
             `DecodeBinding`, and the logits returned are its array, overwritten by the next step of this cache
             (copy them to keep them). None: a fresh binding per step.
     Raises:
         ValueError: the cache is full (the loop sizes it, so this is a bug, not a user error).
     """
-    if cache.started and logits_meta is not None and cache.device == "cpu":
+    if cache.started and logits_meta is not None and cache.device == "cpu" and input_ids.shape[1] == 1:
         return _bound_decode(session, cache, input_ids, position_ids, logits_meta)
     if not cache.started:
         ids, positions, lengths = right_align(input_ids, attention_mask, pad_token_id)
