@@ -9,6 +9,11 @@ row starts from that fp32 graph, so the rows differ only in their quantization:
               exporter/calibrate.py; the lm_head at 8 bits), calibrated on the fp32 model's own samples (the
               export default) or on the checkpoint's calibration.txt
     ours-rtn  the same kernel, round-to-nearest scales, every MatMul at the row's bits (what the stock tool does)
+    gptq      GPTQ (graphs/precision/gptq.py) with the Hessians of the same calibration tokens
+    lm_head fp32   the tied lm_head left in float32, as the stock tool leaves GPT-2's (its B is a Transpose): the
+              artifact size of the stock rows on GPT-2, so these compare at equal bits, block and size
+    all 4-bit every MatMul at 4 bits, the lm_head too, as the stock tool quantizes GPT-J's untied lm_head: the
+              equal-size row on GPT-J
     ort-rtn   onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer, symmetric, accuracy_level 4
               (it skips the tied lm_head, whose B is a Transpose: that MatMul stays fp32)
     dynamic   int8 DynamicQuantizeMatMul (activations per tensor), the int8 of earlier releases
@@ -62,7 +67,8 @@ def _write_variant(fp32: Path, out: Path, model, dtype: str, quantization: dict)
     return out
 
 
-def _ours(fp32: Path, out: Path, bits: int, block: int, method: str, importance, keep_8bit, kernel="nbits"):
+def _ours(fp32: Path, out: Path, bits: int, block: int, method: str, importance, keep_8bit, kernel="nbits",
+          hessians=None, keep_float=()):
     import onnx_ir as ir
 
     from gptexport.graphs.precision import NBitsSummary, quantize_int4, quantize_int8
@@ -71,9 +77,10 @@ def _ours(fp32: Path, out: Path, bits: int, block: int, method: str, importance,
     summary = NBitsSummary()
     if bits == 4:
         quantize_int4(model, block_size=block, method=method, importance=importance, keep_8bit=keep_8bit,
-                      summary=summary)
+                      summary=summary, hessians=hessians, keep_float=keep_float)
     else:
-        quantize_int8(model, kernel=kernel, block_size=block, method=method, importance=importance, summary=summary)
+        quantize_int8(model, kernel=kernel, block_size=block, method=method, importance=importance, summary=summary,
+                      hessians=hessians, keep_float=keep_float)
     return _write_variant(fp32, out, model, f"int{bits}", {"bench": True, **summary.record()})
 
 
@@ -120,9 +127,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="quality only (speed: whole-process A/B pairs)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--rows", default="all", help="'all', or 'int4': the int4 rows and the peers they are judged "
+                                                      "against only")
     args = parser.parse_args()
 
-    from gptexport.exporter.calibrate import activation_importance, calibration_tokens
+    from gptexport.exporter.calibrate import activation_statistics, calibration_tokens
     from gptexport.exporter.load import load
     from gptexport.runtime.perplexity import perplexity
 
@@ -139,19 +148,34 @@ def main() -> None:
     rows = {"fp32": fp32, "fp16": _export(str(checkpoint), work / "fp16", "float16")}
 
     loaded = load(str(checkpoint))  # the torch model: calibration statistics, exactly as the exporter gathers them
-    importance = {}
+    importance, hessians = {}, {}
     for source in ("self", "file"):
         files = () if source == "self" else (str(checkpoint / "calibration.txt"),)
         tokens, record = calibration_tokens(loaded, files)
-        importance[source] = activation_importance(loaded, tokens)
+        importance[source], hessians[source] = activation_statistics(loaded, tokens, hessians=True)
         print(f"calibration {source}: {record}", flush=True)
 
+    lm8, lm_float = ("lm_head",), ("lm_head",)
     for block in args.blocks:
+        rows[f"int4 ours gptq b{block}"] = _ours(fp32, work / f"int4-gptq-b{block}", 4, block, "gptq",
+                                                 importance["self"], lm8, hessians=hessians["self"])
+        rows[f"int4 ours gptq calib.txt b{block}"] = _ours(fp32, work / f"int4-gptq-file-b{block}", 4, block, "gptq",
+                                                           importance["file"], lm8, hessians=hessians["file"])
+        rows[f"int4 ours gptq lm_head fp32 b{block}"] = _ours(
+            fp32, work / f"int4-gptq-lmf-b{block}", 4, block, "gptq", importance["self"], (),
+            hessians=hessians["self"], keep_float=lm_float)
+        rows[f"int4 ours gptq all 4-bit b{block}"] = _ours(fp32, work / f"int4-gptq-all4-b{block}", 4, block, "gptq",
+                                                       importance["self"], (), hessians=hessians["self"])
+        rows[f"int4 ours search lm_head fp32 b{block}"] = _ours(
+            fp32, work / f"int4-search-lmf-b{block}", 4, block, "search", importance["self"], (), keep_float=lm_float)
+        rows[f"int4 ours b{block}"] = _ours(fp32, work / f"int4-ours-b{block}", 4, block, "search",
+                                            importance["self"], ("lm_head",))
+        rows[f"int4 ort-rtn b{block}"] = _ort(fp32, work / f"int4-ort-b{block}", 4, block)
+        if args.rows == "int4":
+            continue
         rows[f"int8 ours b{block}"] = _ours(fp32, work / f"int8-ours-b{block}", 8, block, "search",
                                             importance["self"], ())
         rows[f"int8 ort-rtn b{block}"] = _ort(fp32, work / f"int8-ort-b{block}", 8, block)
-        rows[f"int4 ours b{block}"] = _ours(fp32, work / f"int4-ours-b{block}", 4, block, "search",
-                                            importance["self"], ("lm_head",))
         rows[f"int4 ours calib.txt b{block}"] = _ours(fp32, work / f"int4-ours-file-b{block}", 4, block, "search",
                                                       importance["file"], ("lm_head",))
         rows[f"int4 ours no-calib b{block}"] = _ours(fp32, work / f"int4-ours-nocal-b{block}", 4, block, "search",
@@ -159,8 +183,11 @@ def main() -> None:
         rows[f"int4 ours-rtn b{block}"] = _ours(fp32, work / f"int4-ours-rtn-b{block}", 4, block, "rtn", None, ())
         rows[f"int4 ours-rtn+lm_head8 b{block}"] = _ours(fp32, work / f"int4-ours-rtn8-b{block}", 4, block, "rtn",
                                                          None, ("lm_head",))
-        rows[f"int4 ort-rtn b{block}"] = _ort(fp32, work / f"int4-ort-b{block}", 4, block)
-    rows["int8 dynamic (earlier int8)"] = _ours(fp32, work / "int8-dynamic", 8, 32, "rtn", None, (), "dynamic")
+        rows[f"int8 ours gptq b{block}"] = _ours(fp32, work / f"int8-gptq-b{block}", 8, block, "gptq",
+                                                 importance["self"], (), hessians=hessians["self"])
+    if args.rows != "int4":
+        rows["int8 dynamic (earlier int8)"] = _ours(fp32, work / "int8-dynamic", 8, 32, "rtn", None, (),
+                                                    "dynamic")
 
     tokenizer = loaded.tokenizer
     prompt = tokenizer.decode(tokenizer.encode(heldout).ids[:32])  # batch 8 x (32 + new tokens) within the positions

@@ -139,13 +139,18 @@ def quant_settings(loaded, opts) -> dict:
     quant = {"block_size": opts.block_size, "method": opts.quant_method, "kernel": opts.int8_kernel,
              "keep_8bit": KEEP_8BIT + tuple(opts.keep_8bit)}
     calibrated = opts.dtype == "int4" or (opts.dtype == "int8" and opts.int8_kernel == "nbits")
-    if not calibrated or opts.quant_method != "search":
+    if not calibrated or opts.quant_method not in ("search", "gptq"):
         return quant
-    from .calibrate import activation_importance, calibration_tokens
+    from .calibrate import activation_statistics, calibration_tokens
 
     tokens, quant["calibration"] = calibration_tokens(loaded, tuple(opts.calibration))
+    # GPTQ's Hessians are (K, K) per MatMul, held until the save step: in memory only (exporter/calibrate.py)
+    hessians = opts.quant_method == "gptq" and loaded.weights is None
+    if opts.quant_method == "gptq" and not hessians:
+        quant["calibration"]["gptq"] = ("not applied: a streamed model keeps no (K, K) Hessians; its MatMuls get "
+                                        "the weighted scale search")
     if tokens is not None:
-        quant["importance"] = activation_importance(loaded, tokens)
+        quant["importance"], quant["hessians"] = activation_statistics(loaded, tokens, hessians=hessians)
     return quant
 
 
@@ -173,7 +178,10 @@ def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter)
         if shared is None:  # the runtime takes the last position's logits only; others feed nothing, get all
             add_logits_to_keep_input(ir_model)
     with report.step("save"):  # streamed weights are read, converted and written here, one at a time
-        save_graph(ir_model, directory, opts.external_data_threshold)
+        # a streamed model always writes model.onnx.data: an inline graph is serialized whole, every weight held
+        # twice (the proto and its bytes: a 2-layer GPT-J-6B-shaped int4 export peaked at 4.4 GiB so)
+        threshold = 0 if loaded.weights is not None else opts.external_data_threshold
+        save_graph(ir_model, directory, threshold)
         loaded.tokenizer.save(str(directory / TOKENIZER_FILE))
         manifest = build_manifest(loaded, facts, ir_model, opts, passes)
         write_tokenizer_files(directory, loaded.tokenizer, manifest["special_tokens"], facts["max_positions"])

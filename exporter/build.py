@@ -39,7 +39,7 @@ class ExportOptions:
     # int8 / int4 (exporter/passes.py): block size along K, scale method, int8 kernel, MatMuls kept at 8 bits in
     # int4 (beyond the lm_head), calibration text files (none: the fp32 model's own samples)
     block_size: int = 32
-    quant_method: str = "search"
+    quant_method: str = "gptq"  # one of passes.QUANT_METHODS; a streamed model gets "search" (no Hessians)
     int8_kernel: str = "nbits"
     keep_8bit: tuple = ()
     calibration: tuple = ()

@@ -5,13 +5,17 @@
             and the activations are the model's own distribution)
        |
     torch forward, a hook on every Linear / Conv1D: importance[k] = mean over tokens of x_k^2
+                                                     (gptq) H = mean over tokens of x x^T   (K, K)
        |
-    graphs/precision (onnx only): the 4-/8-bit scale search weights each weight's error by importance[k]
+    graphs/precision (onnx only): the 4-/8-bit scale search weights each weight's error by importance[k];
+                                  GPTQ compensates each channel's rounding error through H
 
 A streamed model (larger than memory) has no weights in memory: each module's parameters are read from the
 checkpoint just before it runs and dropped right after, so the forward holds one module's weights at a time (the
 largest: GPT-J's embedding or lm_head, 0.8 GB in float32). Self-sampling would need a streamed forward per new
-token, so a streamed model is calibrated on --calibration files only.
+token, so a streamed model is calibrated on --calibration files only. Nor does a streamed model get Hessians:
+they would be held until the save step quantizes their weights (GPT-J-6B: 28 x (3 x 64 MB + 1 GiB) in float32),
+so its GPTQ falls back to the diagonal (the scale search), and the manifest says so.
 """
 
 from __future__ import annotations
@@ -90,6 +94,16 @@ def activation_importance(loaded, tokens: np.ndarray, prefix: str = "model.") ->
     Returns:
         initializer name (every alias of a tied weight) -> float32 (K,).
     """
+    return activation_statistics(loaded, tokens, prefix)[0]
+
+
+def activation_statistics(loaded, tokens: np.ndarray, prefix: str = "model.",
+                          hessians: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """activation_importance, and with `hessians` also mean x x^T (K, K) of every Linear / Conv1D's input (GPTQ).
+
+    Returns:
+        (importance, hessians): initializer name -> float32 (K,) and -> float32 (K, K) (empty without `hessians`).
+    """
     import torch
 
     from .stream import parameter_aliases
@@ -100,10 +114,14 @@ def activation_importance(loaded, tokens: np.ndarray, prefix: str = "model.") ->
     handles = []
 
     def collect(module, args, name):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, K)
-        entry = sums.setdefault(name, [torch.zeros(x.shape[-1], dtype=torch.float64), 0])
-        entry[0] += (x.double() ** 2).sum(0)
+        x = args[0].detach().double().reshape(-1, args[0].shape[-1])  # (tokens, K)
+        k = x.shape[-1]
+        entry = sums.setdefault(name, [torch.zeros(k, dtype=torch.float64), 0,
+                                       torch.zeros(k, k, dtype=torch.float64) if hessians else None])
+        entry[0] += (x ** 2).sum(0)
         entry[1] += x.shape[0]
+        if hessians:
+            entry[2] += x.T @ x
 
     for name, module in model.named_modules():
         if type(module).__name__ in _HOOKED and getattr(module, "weight", None) is not None:
@@ -117,12 +135,15 @@ def activation_importance(loaded, tokens: np.ndarray, prefix: str = "model.") ->
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for name, (total, count) in sums.items():
+    out, second = {}, {}
+    for name, (total, count, outer) in sums.items():
         mean = (total / max(count, 1)).float().numpy()
+        h = None if outer is None else (outer / max(count, 1)).float().numpy()
         for alias in aliases.get(name, [name]):
             out[prefix + alias] = mean
-    return out
+            if h is not None:
+                second[prefix + alias] = h
+    return out, second
 
 
 def _stream_parameters(model, source, aliases) -> list:

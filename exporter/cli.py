@@ -137,9 +137,10 @@ def _version() -> str:
 @click.option("--calibration", multiple=True, metavar="FILE",
               help="int8/int4: text file(s) whose activations weight the scale search (repeatable; default: text "
                    "the fp32 model samples itself).")
-@click.option("--quant-method", type=click.Choice(["search", "rtn"]), default="search", show_default=True,
-              help="int8/int4 scales: error-minimising search weighted by calibration activations, or round to "
-                   "nearest.")
+@click.option("--quant-method", type=click.Choice(["gptq", "search", "rtn"]), default="gptq", show_default=True,
+              help="int8/int4: gptq: GPTQ error compensation through each MatMul's calibration Hessian (in-memory "
+                   "models; a streamed one gets the search); search: error-minimising scales weighted by "
+                   "calibration activations; rtn: round to nearest.")
 @click.option("--keep-8bit", multiple=True, metavar="PATTERN",
               help="int4: also keep MatMuls whose weight name matches PATTERN (fnmatch, e.g. '*h.0.mlp.*') at 8 "
                    "bits; the lm_head always is (repeatable).")

@@ -12,7 +12,7 @@ DTYPES = ("float32", "float16", "int8", "int4")
 BLOCK_SIZES = (32, 64, 128)
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU (activations int8 per token/block)
-QUANT_METHODS = ("search", "rtn")
+QUANT_METHODS = ("gptq", "search", "rtn")
 INT8_KERNELS = ("nbits", "dynamic")
 # The sensitive MatMuls int4 keeps at 8 bits: the lm_head (its error goes straight into the logits; measured in
 # BENCHMARKS.md). More entries (fnmatch patterns over weight names) come from --keep-8bit.
@@ -63,7 +63,7 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
     skipped: dict = {}
     block = quant.get("block_size", INT4_BLOCK_SIZE)
     method = quant.get("method", "search")
-    importance = quant.get("importance")
+    importance, hessians = quant.get("importance"), quant.get("hessians")
     summary = NBitsSummary()
     if dtype == "float16":
         section["counts"]["fp16_initializers"] = to_fp16(ir_model, report=skipped)
@@ -71,7 +71,7 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
         kernel = quant.get("kernel", "nbits")
         section["counts"]["int8_matmuls"] = quantize_int8(
             ir_model, report=skipped, kernel=kernel, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL,
-            method=method, importance=importance, summary=summary)
+            method=method, importance=importance, summary=summary, hessians=hessians)
         section["quantization"] = (
             {"kernel": "DynamicQuantizeMatMul", "weights": "symmetric int8 per output column",
              "activations": "uint8 per tensor, per call"} if kernel == "dynamic" else
@@ -80,7 +80,7 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
         keep = tuple(quant.get("keep_8bit", KEEP_8BIT))
         section["counts"]["int4_matmuls"] = quantize_int4(
             ir_model, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL, report=skipped, method=method,
-            importance=importance, keep_8bit=keep, summary=summary)
+            importance=importance, keep_8bit=keep, summary=summary, hessians=hessians)
         section["int4"] = {"block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL}
         section["quantization"] = _nbits_record(4, block, method, quant, summary)
         section["quantization"]["rule_8bit"] = {
@@ -96,5 +96,7 @@ def _nbits_record(bits: int, block: int, method: str, quant: dict, summary) -> d
                              "on AVX2-only CPUs",
             "activations": "int8 per token and block of K, inside the kernel (accuracy_level 4)",
             "method": {"search": "error-minimising scale search weighted by calibration activations",
+                       "gptq": "GPTQ: rounding error compensated through each MatMul's calibration Hessian, block "
+                               "scales by the weighted search",
                        "rtn": "round to nearest"}[method],
             "calibration": quant.get("calibration", {"source": "none"}), **summary.record()}

@@ -61,6 +61,10 @@ def test_streamed_int4_export_with_calibration(ckpt, text_file, tmp_path):
     assert q["calibration"]["source"] == "files" and q["calibration"]["files"] == ["calib.txt"]
     assert q["calibrated_matmuls"] == result.manifest["passes"]["counts"]["int4_matmuls"] == 13
     assert q["symmetric"] and q["kept_8bit"] and list(q["kept_8bit"].values()) == ["lm_head"]
+    # GPTQ (the default method) needs Hessians held until the save step: a streamed export gets the search, and
+    # says so; its weights always go to model.onnx.data (an inline graph would be serialized whole in memory)
+    assert q["gptq_matmuls"] == 0 and "streamed model keeps no (K, K) Hessians" in q["calibration"]["gptq"]
+    assert (result.output / "model.onnx.data").is_file()
 
 
 def test_streamed_without_files_says_why_uncalibrated(ckpt, tmp_path):
@@ -77,6 +81,7 @@ def test_in_memory_self_calibration_and_block_size(ckpt, tmp_path):
     q = result.manifest["passes"]["quantization"]
     assert q["calibration"]["source"] == "self-sampled" and q["bits"] == 8 and q["block_size"] == 64
     assert q["calibrated_matmuls"] == result.manifest["passes"]["counts"]["int8_matmuls"]
+    assert q["gptq_matmuls"] == q["calibrated_matmuls"] and q["method"].startswith("GPTQ")  # the default, in memory
     nodes = [n for n in onnx.load(str(result.output / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert nodes and all({a.name: a.i for a in n.attribute}["block_size"] == 64 for n in nodes)
 

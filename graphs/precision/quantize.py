@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from . import nbits
+from . import gptq, nbits
 
 MS = "com.microsoft"
 FLOAT = ir.DataType.FLOAT
@@ -123,6 +123,15 @@ def _nbits_by_columns(w: np.ndarray, bits: int, block_size: int, method: str,
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def _gptq_by_columns(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """gptq.quantize_blocks over chunks of output columns (GPTQ treats each output column on its own; H^-1 is
+    factored once)."""
+    prepared = gptq.prepare(hessian, w.shape[0], block_size)
+    step = max(1, min(_COLUMNS, _SEARCH_VALUES // max(w.shape[0], 1)))
+    parts = [gptq.quantize_blocks(w[:, c:c + step], bits, block_size, prepared) for c in range(0, w.shape[1], step)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _int8_by_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """quantize_int8_columns over chunks of output columns."""
     q, scale = np.empty(w.shape, np.int8), np.empty(w.shape[1], np.float32)
@@ -138,8 +147,11 @@ def weight_matmul(node: ir.Node) -> WeightMatMul:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
         raise Skip(f"{node.op_type} is not MatMul or Gemm")
     x, b = node.inputs[0], node.inputs[1]
-    if x is None or x.dtype != FLOAT:
-        raise Skip(f"activation dtype {getattr(x, 'dtype', None)}, the quantized kernels take float32")
+    # a value shape inference did not reach (e.g. the lm_head's input after the logits_to_keep Slice) has no dtype
+    # of its own: MatMul's A has its output's dtype
+    dtype = None if x is None else x.dtype or node.outputs[0].dtype
+    if x is None or dtype != FLOAT:
+        raise Skip(f"activation dtype {getattr(dtype, 'name', None)}, the quantized kernels take float32")
     w, transposed, source = _constant(b)
     if w is None:
         raise Skip(f"B {b.name!r} is an activation, not a weight (e.g. attention scores)")
@@ -180,6 +192,9 @@ def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool, s
 
 KERNELS = ("nbits", "dynamic")
 LM_HEAD = "lm_head"  # a keep_8bit rule entry: the MatMul that computes the logits
+# How the codes and scales of a weight are chosen: nbits.py's round to nearest and weighted scale search, and
+# GPTQ (gptq.py: error compensation with each MatMul's calibration Hessian; the search where a MatMul has none).
+METHODS = (*nbits.METHODS, "gptq")
 
 
 @dataclass
@@ -189,17 +204,23 @@ class NBitsSummary:
 
     bits: dict[str, int] = field(default_factory=dict)  # node name -> bits
     kept_8bit: dict[str, str] = field(default_factory=dict)  # node name -> the rule entry that matched
+    kept_float: dict[str, str] = field(default_factory=dict)  # node name -> the keep_float entry that matched
     calibrated: list[str] = field(default_factory=list)  # node names quantized with activation importance
+    gptq: list[str] = field(default_factory=list)  # node names quantized by GPTQ (with their Hessian)
 
     def record(self) -> dict:
         counts = {b: sum(1 for v in self.bits.values() if v == b) for b in sorted(set(self.bits.values()))}
-        return {"matmuls_by_bits": {str(b): n for b, n in counts.items()}, "kept_8bit": dict(self.kept_8bit),
-                "calibrated_matmuls": len(self.calibrated)}
+        out = {"matmuls_by_bits": {str(b): n for b, n in counts.items()}, "kept_8bit": dict(self.kept_8bit),
+               "calibrated_matmuls": len(self.calibrated), "gptq_matmuls": len(self.gptq)}
+        if self.kept_float:
+            out["kept_float"] = dict(self.kept_float)
+        return out
 
 
 def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kernel: str = "nbits",
                   block_size: int = 32, accuracy_level: int = 4, method: str = "search",
-                  importance: dict[str, np.ndarray] | None = None, summary: NBitsSummary | None = None) -> int:
+                  importance: dict[str, np.ndarray] | None = None, summary: NBitsSummary | None = None,
+                  hessians: dict[str, np.ndarray] | None = None, keep_float: tuple[str, ...] = ()) -> int:
     """Replace weight MatMuls with int8 ones.
 
     Args:
@@ -208,7 +229,8 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
         kernel: "nbits": MatMulNBits bits=8, symmetric blocks of `block_size` along K, activations quantized per
             token and block (accuracy_level 4). "dynamic": DynamicQuantizeMatMul (activations per tensor, weights per
             output column), the older form.
-        block_size, accuracy_level, method, importance, summary: as quantize_int4 (nbits kernel only).
+        block_size, accuracy_level, method, importance, summary, hessians, keep_float: as quantize_int4 (nbits
+            kernel only).
     Returns:
         the number of MatMuls quantized.
     Raises:
@@ -217,7 +239,8 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
     if kernel == "nbits":
-        return _quantize_nbits(model, 8, block_size, accuracy_level, method, importance, (), report, summary)
+        return _quantize_nbits(model, 8, block_size, accuracy_level, method, importance, (), report, summary,
+                               hessians, keep_float)
 
     def rewrite(site: WeightMatMul) -> ir.Node:
         k, n = site.shape
@@ -233,7 +256,8 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
 def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4,
                   report: dict[str, str] | None = None, *, method: str = "search",
                   importance: dict[str, np.ndarray] | None = None, keep_8bit: tuple[str, ...] = (LM_HEAD,),
-                  summary: NBitsSummary | None = None) -> int:
+                  summary: NBitsSummary | None = None, hessians: dict[str, np.ndarray] | None = None,
+                  keep_float: tuple[str, ...] = ()) -> int:
     """Replace weight MatMuls with com.microsoft MatMulNBits: 4-bit symmetric blocks, chosen ones at 8 bits.
 
     Args:
@@ -241,56 +265,78 @@ def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4
         block_size: weights per scale along K (power of two, >= 16).
         accuracy_level: MatMulNBits' compute type for A; 4 = int8, so the CPU uses int8 dot products.
         report: if given, filled with node name -> reason for every MatMul/Gemm not quantized.
-        method: "search" (error-minimising scales, nbits.py) or "rtn" (round to nearest).
+        method: "search" (error-minimising scales, nbits.py), "rtn" (round to nearest) or "gptq" (gptq.py: error
+            compensation with `hessians`; a MatMul without a Hessian gets the search).
         importance: initializer name -> (K,) mean squared activation of each input channel (calibration); the
             search weights each weight's error by it. MatMuls without an entry use uniform weights.
+        hessians: initializer name -> (K, K) mean x x^T of the MatMul's input over the calibration tokens (gptq).
         keep_8bit: the rule for sensitive MatMuls kept at 8 bits: LM_HEAD ("lm_head", the MatMul computing the
             logits) and/or fnmatch patterns over initializer or node names ("*h.0.mlp.c_proj*").
         summary: if given, filled with the bits of each MatMul and what the rule matched.
+        keep_float: MatMuls left in float32 (same entries as keep_8bit), e.g. the lm_head where the float table is
+            shared with the embedding and the artifact size matters more than the lm_head's speed.
     Returns:
         the number of MatMuls quantized (at 4 or 8 bits).
     Raises:
         ValueError: block_size is not a power of two >= 16, or an unknown method.
     """
-    return _quantize_nbits(model, 4, block_size, accuracy_level, method, importance, keep_8bit, report, summary)
+    return _quantize_nbits(model, 4, block_size, accuracy_level, method, importance, keep_8bit, report, summary,
+                           hessians, keep_float)
 
 
-def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance, keep_8bit, report, summary) -> int:
+def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance, keep_8bit, report, summary,
+                    hessians=None, keep_float=()) -> int:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16 (16, 32, 64, 128, 256)")
-    if method not in nbits.METHODS:
-        raise ValueError(f"method {method!r}: expected one of {', '.join(nbits.METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     summary = NBitsSummary() if summary is None else summary
-    importance = importance or {}
+    importance, hessians = importance or {}, hessians or {}
     lm_head = lm_head_node(model.graph)
 
+    def matches(site: WeightMatMul, entries) -> str | None:
+        for entry in entries:
+            if site.node is lm_head if entry == LM_HEAD else any(
+                    fnmatch.fnmatchcase(name, entry) for name in (site.source_name, site.node.name)):
+                return entry
+        return None
+
     def site_bits(site: WeightMatMul) -> int:
-        for entry in keep_8bit:
-            hit = site.node is lm_head if entry == LM_HEAD else any(
-                fnmatch.fnmatchcase(name, entry) for name in (site.source_name, site.node.name))
-            if hit:
-                summary.kept_8bit[site.node.name] = entry
-                return 8
+        entry = matches(site, keep_8bit)
+        if entry is not None:
+            summary.kept_8bit[site.node.name] = entry
+            return 8
         return bits
 
     def rewriter(site: WeightMatMul):
+        entry = matches(site, keep_float)
+        if entry is not None:
+            summary.kept_float[site.node.name] = entry
+            return None
         b = site_bits(site)
         weights = importance.get(site.source_name)
+        hessian = hessians.get(site.source_name) if method == "gptq" else None
         summary.bits[site.node.name] = b
         if weights is not None:
             summary.calibrated.append(site.node.name)
-        return lambda site: _nbits_node(model.graph, site, b, block_size, accuracy_level, method, weights)
+        if hessian is not None:
+            summary.gptq.append(site.node.name)
+        how = "search" if method == "gptq" else method  # a MatMul without a Hessian: the weighted search
+        return lambda site: _nbits_node(model.graph, site, b, block_size, accuracy_level, how, weights, hessian)
 
     return _quantize(model, rewriter, report, min_k=lambda site: block_size)
 
 
 def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int, accuracy_level: int, method: str,
-                importance: np.ndarray | None) -> ir.Node:
+                importance: np.ndarray | None, hessian: np.ndarray | None = None) -> ir.Node:
     k, n = site.shape
     blocks = -(-k // block_size)
     if importance is not None and np.asarray(importance).shape != (k,):
         raise ValueError(f"importance of {site.source_name!r} has shape {np.asarray(importance).shape}, K is {k}")
-    parts = _Shared(lambda: _nbits_by_columns(site.load(), bits, block_size, method, importance), parts=2)
+    if hessian is not None:
+        parts = _Shared(lambda: _gptq_by_columns(site.load(), bits, block_size, hessian), parts=2)
+    else:
+        parts = _Shared(lambda: _nbits_by_columns(site.load(), bits, block_size, method, importance), parts=2)
     name = site.weight_name
     inputs = [site.x, _initializer(graph, f"{name}_q{bits}", ir.DataType.UINT8,
                                    (n, blocks, block_size * bits // 8), parts, 0),
@@ -329,7 +375,11 @@ def _quantize(model: ir.Model, rewriter, report: dict[str, str] | None, min_k) -
         except Skip as reason:
             report[node.name or node.op_type] = str(reason)
             continue
-        plans.append((site, rewriter(site)))
+        rewrite = rewriter(site)
+        if rewrite is None:
+            report[node.name or node.op_type] = "kept float32 by the keep_float rule"
+            continue
+        plans.append((site, rewrite))
     for site, rewrite in plans:
         node = site.node
         new = rewrite(site)

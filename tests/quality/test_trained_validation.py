@@ -52,8 +52,9 @@ def _copy(artifact: Path, tmp_path: Path) -> tuple[Path, onnx.ModelProto]:
     return target, onnx.load(str(target / "model.onnx"))
 
 
-def test_wrong_quantization_scales_fail(trained_export, tmp_path):
-    ckpt, artifact, manifest = trained_export("gpt2-ci", "int8")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])  # both GPTQ-quantized (the default method)
+def test_wrong_quantization_scales_fail(trained_export, tmp_path, dtype):
+    ckpt, artifact, manifest = trained_export("gpt2-ci", dtype)
     target, proto = _copy(artifact, tmp_path)
     inits = {t.name: t for t in proto.graph.initializer}
     node = next(n for n in proto.graph.node if n.op_type in QUANTIZED_OPS and "h.0." in n.name + "".join(n.input))
