@@ -20,7 +20,9 @@ length, and the next write overwrites what was dropped.
 
 Speculation backs off when drafts are rejected (`_Schedule`): K follows transformers' heuristic for assisted
 generation (+2 when every draft was accepted, -1 otherwise), and a round with nothing accepted pauses speculation
-for 1, 2, 4 .. 32 plain steps, so text the drafts cannot predict costs little more than plain decoding.
+for 1, 2, 4 .. 32 plain steps, so text the drafts cannot predict costs little more than plain decoding. A round
+whose drafting took longer than the target steps its accepted drafts saved (a draft model too big for its
+target) counts as accepting nothing, so a slow draft backs off too.
 """
 
 from __future__ import annotations
@@ -401,12 +403,15 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
             break
         k = schedule.next_k()
         room = [min(k, params.max_new_tokens - len(row.tokens) - 1) if on else 0 for row, on in zip(rows, live)]
+        began = time.perf_counter()
         drafts, dists = drafter.propose(room, params, rng) if max(room) > 0 else ([[] for _ in rows], None)
+        drafting = time.perf_counter() - began
         feed = np.full((batch, 1 + max(len(d) for d in drafts)), model.pad_token_id, dtype=np.int64)  # (B, 1+n)
         for b, ids in enumerate(drafts):
             feed[b, 0] = seen[b][-1]  # t: the last emitted id (a finished row: padding, as the plain loop)
             feed[b, 1:1 + len(ids)] = ids
         logits = tape.extend(feed, [1 + len(d) for d in drafts])  # (B, 1+n, V)
+        checking = time.perf_counter() - began - drafting
         emitted, kept = [], []
         for b, row in enumerate(rows):
             if not live[b]:  # a finished row is fed padding and keeps one column per round, as in the plain loop
@@ -422,7 +427,9 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         drafter.accepted(emitted)
         drafted = sum(len(d) for d in drafts)
         accepted = sum(len(e) - 1 for e in emitted if e)
-        schedule.update(drafted, accepted)
+        # a draft model slower than the steps its accepted drafts saved counts as a round that accepted nothing
+        # (a target step is about one checking call: both read the weights once)
+        schedule.update(drafted, accepted if drafting < accepted * checking else 0)
         stats.drafted += drafted
         stats.accepted += accepted
         stats.new_tokens = max(len(row.tokens) for row in rows)
