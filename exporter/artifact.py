@@ -98,6 +98,7 @@ def describe_graph(model: dict, tokenizer: dict, config, generation_config, fact
     return {
         "format_version": FORMAT_VERSION,
         "producer": {"name": "gptexport", "version": __version__},
+        "task": "text-generation",  # exporter/tasks.py; a manifest without it is text-generation
         "model": model,
         "tokenizer": tokenizer,
         "config": facts,
@@ -194,19 +195,21 @@ def write_artifact(loaded, facts: dict, opts, directory: Path, report: Reporter)
     return manifest
 
 
-def write_model_config(directory: Path, config, model_class: str, generation_config=None) -> None:
+def write_model_config(directory: Path, config, model_class: str, generation_config=None,
+                       use_cache: bool = True) -> None:
     """config.json and generation_config.json of the exported model, as transformers writes them.
 
     Args:
         config: the transformers config the graph was traced from.
         model_class: its LM class (e.g. "GPT2LMHeadModel"), recorded as `architectures`.
         generation_config: the checkpoint's (exporter/load.py); None: derived from `config`.
+        use_cache: False for the graphs without a cache (exporter/heads.py).
     """
     from transformers import GenerationConfig
 
     config = config.__class__.from_dict(config.to_dict())  # a copy: the traced model's own stays untouched
     config.architectures = [model_class]
-    config.use_cache = True
+    config.use_cache = use_cache
     config.save_pretrained(str(directory))
     (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(str(directory))
 

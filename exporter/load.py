@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .presets import PRESETS, Architecture, ExportError, architecture_for
+from .tasks import TEXT_GENERATION, model_class, select_task
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Loaded:
     weights: object | None = None
     revision: str | None = None  # the hub commit sha that config, tokenizer and weights were all read from
     tokenizer_origin: str = "checkpoint"  # or "gpt2": GPT-2's vocabulary (a preset, or a checkpoint shipping none)
+    task: str = "text-generation"  # exporter/tasks.py: what the graph computes (the transformers class exported)
 
 
 def _first_line(err: Exception) -> str:
@@ -135,7 +137,7 @@ def resolve_config(model: str, trust_remote_code: bool = False):
 
 
 def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_code: bool = False,
-         stream: bool | None = None) -> Loaded:
+         stream: bool | None = None, task: str | None = None, num_labels: int | None = None) -> Loaded:
     """Load MODEL for export.
 
     Args:
@@ -145,8 +147,11 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         trust_remote_code: allow a checkpoint's own Python code (off unless the user passes the flag).
         stream: load no weights; the graph streams them at save time (None: only when the model does not fit,
             see stream.fits_in_memory).
+        task: an Optimum task name (exporter/tasks.py); None: the one the checkpoint's `architectures` names.
+        num_labels: --random-weights only: the labels of a classification head (LABEL_0, ...).
     Raises:
-        ExportError: see `resolve_config`, or weights that cannot be loaded.
+        ExportError: see `resolve_config` and `tasks.select_task`, weights that cannot be loaded, or weights that
+            do not fit the task's class (a head missing from the checkpoint, or one the export would drop).
     """
     import torch
     import transformers
@@ -156,12 +161,19 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
 
     config, name, source, where = resolve_config(model, trust_remote_code)
     arch = architecture_for(config)
+    task = select_task(config, arch.name, task, random_weights, repr(model))
+    _set_labels(config, task, num_labels, random_weights)
     config._attn_implementation = "eager"
-    model_cls = getattr(transformers, arch.model_class)
+    model_cls = getattr(transformers, model_class(task, arch.name))
     if stream is None:
         from .stream import fits_in_memory, parameter_count
 
         stream = not fits_in_memory(parameter_count(model_cls, config))
+        if stream and task != TEXT_GENERATION:
+            raise ExportError(f"{model!r} does not fit in memory twice, and only text-generation exports stream "
+                              f"their weights (task {task!r})")
+    elif stream and task != TEXT_GENERATION:
+        raise ExportError(f"--stream exports text-generation only, not {task!r}; drop --stream")
     revision = None
     if source == "preset" and not random_weights:  # the preset's weights: its hub repository
         where, revision = hub_snapshot(PRESETS[model].hub_id, HUB_CONFIG_FILES)
@@ -178,19 +190,65 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         directory = where if source == "local" else hub_weights(PRESETS[model].hub_id if source == "preset"
                                                                 else model, revision)
         try:
-            net = model_cls.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
-                                            trust_remote_code=trust_remote_code, local_files_only=True)
+            net, info = model_cls.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32,
+                                                  trust_remote_code=trust_remote_code, local_files_only=True,
+                                                  output_loading_info=True)
         except Exception as err:  # noqa: BLE001 - file errors become one line
             hint = " (or use --random-weights for an offline build)" if source != "local" else ""
             problem = _safetensors_problem(directory)  # which file, which tensor
             raise ExportError(f"cannot load the weights of {model if source != 'local' else where!r}: "
                               f"{problem or type(err).__name__ + ': ' + _first_line(err)}{hint}") from None
+        check_loading(info, task, model_cls.__name__, model if source != "local" else where)
         loaded = Loaded(net.eval(), arch, name, source, None, False, None)
+    loaded.task = task
     # what from_pretrained reads from generation_config.json, for empty (streamed) and random-weight models too
     loaded.model.generation_config = checkpoint_generation_config(
         None if source == "preset" and random_weights else where, config)
     loaded.tokenizer, loaded.tokenizer_origin, loaded.revision = tokenizer, origin, revision
     return loaded
+
+
+def _set_labels(config, task: str, num_labels: int | None, random_weights: bool) -> None:
+    """--num-labels: the head's size with --random-weights (labels LABEL_0...); a checkpoint's own is kept."""
+    if num_labels is None:
+        return
+    from .tasks import TASKS
+
+    if task not in ("text-classification", "token-classification"):
+        raise ExportError(f"--num-labels applies to text-classification and token-classification, not {task!r}")
+    if num_labels < 1:
+        raise ExportError(f"--num-labels {num_labels}: give an integer >= 1")
+    if not random_weights:
+        if num_labels != config.num_labels:
+            raise ExportError(f"--num-labels {num_labels}: the checkpoint's head has {config.num_labels} labels "
+                              f"({', '.join(map(str, config.id2label.values()))}); --num-labels is for "
+                              f"--random-weights")
+        return
+    assert TASKS[task].labels
+    config.num_labels = num_labels  # transformers makes id2label LABEL_0..LABEL_{n-1}
+
+
+# Buffers old GPT-2 checkpoints saved beside their weights (the causal mask); no task uses them.
+_IGNORED_UNEXPECTED = (".attn.bias", ".attn.masked_bias")
+
+
+def check_loading(info: dict, task: str, class_name: str, where) -> None:
+    """Refuse weights that do not fit the class exported: a parameter the checkpoint lacks (transformers would
+    initialise it at random) or, except for feature-extraction (the base model of any head), a checkpoint weight
+    the class leaves unused (a head of another task would be dropped without a word).
+
+    Raises:
+        ExportError: naming the weights and the tasks to try.
+    """
+    missing = sorted(info.get("missing_keys") or [])
+    unused = sorted(k for k in info.get("unexpected_keys") or [] if not k.endswith(_IGNORED_UNEXPECTED))
+    shown = lambda keys: ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")  # noqa: E731
+    if missing:
+        raise ExportError(f"{where!r} has no weights for {shown(missing)} of {class_name} (task {task!r}): they "
+                          f"would be random; pass --task for the head the checkpoint has")
+    if unused and task != "feature-extraction":
+        raise ExportError(f"{where!r} has weights {class_name} (task {task!r}) does not use: {shown(unused)} (a "
+                          f"head of another task); pass --task for the head the checkpoint has")
 
 
 def _safetensors_problem(directory: str) -> str | None:

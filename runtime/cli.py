@@ -243,6 +243,8 @@ def describe(manifest: dict) -> dict:
     layout = manifest.get("kv_layout", "concat")
     return {
         "model": {k: model.get(k) for k in ("name", "architecture", "source", "random_weights")},
+        "task": manifest.get("task") or "text-generation",  # runtime/heads.py serves the others
+        "labels": manifest.get("labels"),
         "format_version": manifest["format_version"],
         "producer": manifest.get("producer", {}),
         "config": manifest["config"],
@@ -253,7 +255,8 @@ def describe(manifest: dict) -> dict:
         "fused": bool(passes.get("fused")),
         "validation": {k: v for k, v in manifest.get("validation", {}).items() if not isinstance(v, (list, dict))},
         # the default graph with Optimum's config files loads in ORTModelForCausalLM; the in-place one cannot
-        "optimum_loadable": layout == "concat" and all(f in manifest["files"] for f in OPTIMUM_FILES),
+        "optimum_loadable": layout == "concat" and all(f in manifest["files"] for f in OPTIMUM_FILES)
+        and (manifest.get("task") or "text-generation") == "text-generation",
         "files": {name: entry["size"] for name, entry in manifest["files"].items()},
     }
 
@@ -277,6 +280,8 @@ def summarize(manifest: dict) -> list:
     lines = [
         f"model:        {model['name']} ({model['architecture']}, source {model['source']}"
         + (", random weights" if model["random_weights"] else "") + ")",
+        f"task:         {facts['task']}" + (f" (labels: {', '.join(facts['labels'].values())})"
+                                             if facts["labels"] else ""),
         f"format:       {facts['format_version']} (producer {facts['producer'].get('version')})",
         f"shape:        {config['num_layers']} layers, {config['num_heads']} heads x {config['head_size']}, "
         f"hidden {config.get('hidden_size')}, vocab {config['vocab_size']}, {config['max_positions']} positions"
@@ -292,6 +297,11 @@ def summarize(manifest: dict) -> list:
     ]
     lines += [f"  {name:<24} {_size(size):>10}" for name, size in facts["files"].items()]
     return lines
+
+
+from .heads_cli import register  # noqa: E402 - embed, classify, tag, answer, choose (runtime/heads.py)
+
+register(cli)
 
 
 def _size(n: int) -> str:

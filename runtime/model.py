@@ -638,6 +638,10 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
     check_threads(threads)
     manifest, digest = load_manifest(directory, verify=verify, manifest=manifest, manifest_sha256=manifest_sha256,
                                      deferred=(MODEL_FILE, TOKENIZER_FILE))
+    if manifest.get("task", "text-generation") != "text-generation":  # runtime/heads.py serves the other tasks
+        from .heads import refuse_task
+
+        refuse_task(manifest, directory, "text-generation")
     if provider == "cuda":  # a node with no CUDA kernel would run on the CPU, copying its tensors every step
         check_cuda_placement(manifest, directory)
     for name in (MODEL_FILE, TOKENIZER_FILE):

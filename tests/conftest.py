@@ -60,3 +60,20 @@ def hf_model():
         return transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation="eager").eval()
 
     return load
+
+
+@pytest.fixture(scope="session")
+def head_export(tmp_path_factory):
+    """(arch, task[, dtype]) -> (artifact dir, transformers model, manifest) of tests/heads_models.py; each
+    exported once, lazily (issue 14's tasks beyond text generation)."""
+    from heads_models import export_head
+
+    cache = {}
+
+    def get(arch: str, task: str, dtype: str = "float32"):
+        if (arch, task, dtype) not in cache:
+            root = tmp_path_factory.mktemp(f"{arch}-{task}-{dtype}")
+            cache[(arch, task, dtype)] = export_head(root, arch, task, dtype)
+        return cache[(arch, task, dtype)]
+
+    return get

@@ -29,6 +29,10 @@ MultiHeadAttention takes the boolean form as Where(keep, 0, the dtype's finite m
 key masked (a left-pad query) would be NaN in the kernel, which has no guard; with the finite minimum it is a
 finite average that no real position reads (its keys are masked for every real query), as in transformers' own
 eager mask.
+
+The graphs of the other tasks (exporter/heads.py: hidden states, classification, ...) have no cache: there k4 and
+v4 are the new heads themselves (no Concat, no present output; the optimizer merges the key's two Transposes into
+one, perm 0,2,3,1), and the rewrite is MultiHeadAttention(q3, k3, v3, attention_bias=mask) with one output.
 """
 
 from __future__ import annotations
@@ -58,8 +62,16 @@ def _heads(value: ir.Value, what: str) -> ir.Value:
     return x3
 
 
-def _cache(graph: ir.Graph, present: ir.Value, what: str) -> tuple[ir.Value, ir.Value]:
-    """present = Concat(past graph input, new heads, axis 2) and a graph output; returns (past, x3)."""
+def _cache(graph: ir.Graph, present: ir.Value, what: str) -> tuple[ir.Value | None, ir.Value]:
+    """present = Concat(past graph input, new heads, axis 2) and a graph output; returns (past, x3).
+
+    Without a cache (no Concat: the heads of this step only, used by attention alone), returns (None, x3).
+    """
+    made = present.producer()
+    if made is not None and made.op_type == "Transpose" and present not in graph.outputs:
+        if len(present.consumers()) != 1:
+            raise Reject(f"{what} heads (no cache) are used outside attention")
+        return None, _heads(present, f"{what} (no cache)")
     concat = producer(present, "Concat", f"{what} cache")
     if int_attr(concat, "axis") not in (2, -2) or len(concat.inputs) != 2:
         raise Reject(f"{what} cache: Concat is not (past, new) on the sequence axis")
@@ -95,7 +107,8 @@ def _scores(add: ir.Node) -> dict:
         k_t_value, b = _scaled(matmul.inputs[1], "scaled k^T")
         scale, private = a * b, [scores, matmul.inputs[0], matmul.inputs[1]]
     k_t = producer(k_t_value, "Transpose", "k^T")
-    _perm(k_t, (0, 1, 3, 2), "k^T")
+    if tuple(int_attr(k_t, "perm", ())) != (0, 2, 3, 1):  # that: the no-cache key (see the docstring)
+        _perm(k_t, (0, 1, 3, 2), "k^T")
     return dict(mask=mask, scale=scale, matmul=matmul, q4=q4, k_t=k_t, private=private, **_mask_form(mask))
 
 
@@ -137,6 +150,19 @@ def _probabilities(softmax: ir.Node) -> ir.Value:
     return probs
 
 
+def _no_cache_key(graph: ir.Graph, k_t: ir.Node) -> ir.Value | None:
+    """k^T = Transpose(Reshape(k3), perm 0,2,3,1): both key Transposes in one, no cache; returns k3, else None."""
+    if tuple(int_attr(k_t, "perm", ())) != (0, 2, 3, 1):
+        return None
+    reshape = producer(k_t.inputs[0], "Reshape", "key head split (no cache)")
+    if len(k_t.inputs[0].consumers()) != 1 or k_t.inputs[0] in graph.outputs:
+        raise Reject("key heads (no cache) are used outside attention")
+    k3 = reshape.inputs[0]
+    if k3.shape is not None and len(k3.shape) != 3:
+        raise Reject(f"key: projection has rank {len(k3.shape)}, expected 3 (B, T, D)")
+    return k3
+
+
 def _match(graph: ir.Graph, softmax: ir.Node) -> dict:
     if int_attr(softmax, "axis", -1) not in (-1, 3):
         raise Reject(f"Softmax axis {int_attr(softmax, 'axis')} is not the key axis")
@@ -154,9 +180,13 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> dict:
         raise Reject("attention output is not transposed back to (B, T, nh, hs)")
     _perm(out_users[0], (0, 2, 1, 3), "attention output")
     present_k, present_v = s["k_t"].inputs[0], users[0].inputs[1]
-    past_k, k3 = _cache(graph, present_k, "key")
+    no_cache_k3 = _no_cache_key(graph, s["k_t"])
+    past_k, k3 = (None, no_cache_k3) if no_cache_k3 is not None else _cache(graph, present_k, "key")
     past_v, v3 = _cache(graph, present_v, "value")
-    shape_readers = _shape_readers(present_k, s["k_t"], "key") + _shape_readers(present_v, users[0], "value")
+    if (past_k is None) != (past_v is None):
+        raise Reject("key and value differ: one has a cache, the other not")
+    shape_readers = [] if past_k is None else \
+        _shape_readers(present_k, s["k_t"], "key") + _shape_readers(present_v, users[0], "value")
     q4 = s["q4"]
     q3 = _heads(q4, "query")
     if q4.shape is None or len(q4.shape) != 4 or not isinstance(q4.shape[1], int) or not isinstance(q4.shape[3], int):
@@ -224,10 +254,11 @@ def _rewrite(graph: ir.Graph, m: dict) -> None:
     if m["keep"] is not None:
         mask, made = _finite_mask(graph, m, prefix)
         new += made
-    mha = ms_node("MultiHeadAttention",
-                  [m["q3"], m["k3"], m["v3"], None, None, mask, m["past_k"], m["past_v"]],
-                  dict(num_heads=m["num_heads"], scale=m["scale"]), f"{prefix}/MultiHeadAttention", num_outputs=3)
-    out3, present_k, present_v = mha.outputs
+    cached = m["past_k"] is not None
+    inputs = [m["q3"], m["k3"], m["v3"], None, None, mask] + ([m["past_k"], m["past_v"]] if cached else [])
+    mha = ms_node("MultiHeadAttention", inputs, dict(num_heads=m["num_heads"], scale=m["scale"]),
+                  f"{prefix}/MultiHeadAttention", num_outputs=3 if cached else 1)
+    out3 = mha.outputs[0]
     out3.name = f"{prefix}/MultiHeadAttention/output_0"
     out3.type, out3.shape = m["q3"].type, m["q3"].shape  # (B, T, D): the context, heads merged
     new.append(mha)
@@ -245,12 +276,13 @@ def _rewrite(graph: ir.Graph, m: dict) -> None:
     graph.insert_before(m["anchor"], new)
     for shape in m["shape_readers"]:
         _shape_without_concat(graph, shape)
-    adopt_output(graph, m["present_k"], present_k)
-    adopt_output(graph, m["present_v"], present_v)
+    if cached:
+        adopt_output(graph, m["present_k"], mha.outputs[1])
+        adopt_output(graph, m["present_v"], mha.outputs[2])
 
 
 def fuse_attention(model: ir.Model, result: RuleResult | None = None) -> int:
-    """Fuse every self-attention with past KV into MultiHeadAttention.
+    """Fuse every self-attention (with past KV, or with no cache at all) into MultiHeadAttention.
 
     Args:
         model: the graph, changed in place (unused nodes are left for the pipeline's cleanup).

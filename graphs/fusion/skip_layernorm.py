@@ -64,8 +64,11 @@ def _rewrite(graph: ir.Graph, m: dict) -> None:
     for value, old in ((y, ln.outputs[0]), (total, m["add"].outputs[0])):
         value.type, value.shape = old.type, old.shape
     graph.insert_before(ln, [sln])
-    ir.convenience.replace_all_uses_with(ln.outputs[0], y, replace_graph_outputs=True)
-    ir.convenience.replace_all_uses_with(m["add"].outputs[0], total, replace_graph_outputs=True)
+    for value, old in ((y, ln.outputs[0]), (total, m["add"].outputs[0])):
+        if old in graph.outputs:  # a graph output keeps its name (a head graph's last_hidden_state is ln_f's)
+            name, old.name = old.name, f"{old.name}/replaced"
+            value.name = name
+        ir.convenience.replace_all_uses_with(old, value, replace_graph_outputs=True)
 
 
 def fuse_skip_layernorm(model: ir.Model, result: RuleResult | None = None) -> int:

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from ..errors import GenerationError
 from ..sampling import SamplingParams
 from ..scheduler import NotAccepting, Overloaded, Scheduler, Sequence
+from . import heads_app
 from .metrics import Metrics
 from .protocol import (ApiError, TokenText, choice, completion_object, error_body, logprobs_object,
                        parse_completion, usage)
@@ -73,6 +74,7 @@ class Service:
         self.context = self.slots = 0
         self.kv_note = ""
         self.token_text = None  # id -> text for logprobs, once the tokenizer is loaded
+        self.head = None  # an artifact of another task (serve/heads_app.py): no scheduler, no slots
         self.metrics = Metrics(self)
         self.created = int(time.time())
 
@@ -89,6 +91,8 @@ class Service:
         from ..slots import make_slots
         from .loader import load_for_serving
 
+        if heads_app.head_task(self.config.artifact) is not None:
+            return heads_app.load(self)
         try:
             self.model, self.kv_note = load_for_serving(self.config.artifact, self.config.provider,
                                                         self.config.threads, self.config.manifest_sha256,
@@ -277,6 +281,7 @@ async def completions(request: Request) -> Response:
     service: Service = request.app.state.service
     _check_key(service, request)
     _check_ready(service)
+    heads_app.refuse_completions(service)
     req = parse_completion(await _read_json(request, service.config.max_body_bytes), service.config.model_name)
     prompts = _prepare_prompts(service, req)
     sequences = len(prompts) * req.n
@@ -439,6 +444,7 @@ def create_app(service: Service) -> Starlette:
         Route("/v1/models/{model_id:path}", model_info, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *heads_app.routes(),  # /v1/embeddings, /v1/classifications
     ]
     middleware = []
     if service.config.cors_origins:

@@ -101,6 +101,11 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> int
         if service.state == "failed":
             print(f"gptrun: error: {service.error}", file=sys.stderr, flush=True)
             return
+        if service.head is not None:  # serve/heads_app.py: one forward per request
+            _say(f"ready at {url} (model {config.model_name!r}: {service.head.manifest['model'].get('architecture')} "
+                 f"{service.head.manifest['dtype']}, {service.kv_note}; {config.max_batch} requests at once, queue "
+                 f"{config.max_queue}; {config.threads or 'usable cores'} threads)")
+            return
         mib = service.cache.nbytes / 2 ** 20
         how = "allocated" if service.cache.preallocated else "at most, grown on demand"
         model = service.model

@@ -301,3 +301,37 @@ def test_rotary_fuses_optimum_form():
 
 def test_rotary_rejects_optimum_form_with_the_wrong_rotation():
     _rejected(_rotary_every_two(negate_even=True), fuse_rotary, "is not [0::2] of the last axis")
+
+
+def _attention_no_cache(key_used_outside=False):
+    """The graphs of exporter/heads.py (no cache): the optimizer merged the key's two Transposes into one
+    (perm 0,2,3,1); B=1, T=3, nh=2, hs=4."""
+    g = G()
+    q3, k3, v3 = (g.input(n, [1, 3, 8]) for n in ("q", "k", "v"))
+    mask = g.input("mask", [1, 1, 3, 3])
+    split = lambda x: g.op("Reshape", x, g.const(np.array([1, 3, 2, 4])))  # noqa: E731
+    heads = lambda x: g.op("Transpose", split(x), perm=[0, 2, 1, 3])  # noqa: E731
+    k_split = split(k3)
+    k_t = g.op("Transpose", k_split, perm=[0, 2, 3, 1])
+    scores = g.op("Mul", g.op("MatMul", heads(q3), k_t), g.const(np.float32(0.5)))
+    probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
+    out = g.op("Transpose", g.op("MatMul", probs, heads(v3)), perm=[0, 2, 1, 3])
+    g.op("Reshape", out, g.const(np.array([1, 3, 8])), out="y")
+    if key_used_outside:
+        g.op("Identity", k_split, out="k_heads")
+    return g.model("y", *(["k_heads"] if key_used_outside else []))
+
+
+def test_attention_fuses_without_a_cache():
+    rng = np.random.default_rng(4)
+    feeds = {n: rng.standard_normal((1, 3, 8), np.float32) for n in ("q", "k", "v")}
+    mask = np.triu(np.full((3, 3), np.finfo(np.float32).min, np.float32), 1)[None, None]
+    mask[..., 0] = np.finfo(np.float32).min  # a left pad
+    mask[..., 0, 0] = 0.0
+    model = _check(_attention_no_cache, fuse_attention, feeds | {"mask": mask})
+    (mha,) = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
+    assert len(mha.inputs) == 6 and len(mha.outputs) == 1  # no past, no present
+
+
+def test_attention_without_a_cache_rejects_keys_used_elsewhere():
+    _rejected(_attention_no_cache(key_used_outside=True), fuse_attention, "used outside attention")
