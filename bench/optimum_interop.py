@@ -135,11 +135,11 @@ def main() -> int:
         mine, ours = ours_greedy(base / "adopted-fused"), ours_greedy(base / "ours")
         rows.append((name, "Optimum -> ours", "adopt --fuse --kv-layout shared_buffer", _agree(mine, theirs),
                      time.perf_counter() - start))
-        rows.append((name, "(same)", "  ... against our own export of CKPT", _agree(mine, ours), 0.0))
+        rows.append((name, "(same)", "  ... against our own export of CKPT", _agree(mine, ours), None))
         ok &= mine == theirs == ours
     print(f"\n{'model':<22} {'direction':<16} {'what runs':<44} {'greedy rows equal':>17} {'seconds':>8}")
     for name, direction, what, agree, seconds in rows:
-        print(f"{name:<22} {direction:<16} {what:<44} {agree:>17} {seconds:8.1f}")
+        print(f"{name:<22} {direction:<16} {what:<44} {agree:>17} {'' if seconds is None else f'{seconds:.1f}':>8}")
     print(f"({len(PROMPTS)} prompts alone + the left-padded batch of all of them, {NEW_TOKENS} new tokens each)")
     return 0 if ok else 1
 
