@@ -116,9 +116,10 @@ def shared_logits_check(model, facts: dict, session, manifest: dict) -> dict:
         ids, mask, positions = ids.numpy(), mask.numpy(), positions.numpy()
         width, total = max(lengths), ids.shape[1]
         cache = decoder.new_cache(len(lengths), capacity=total)
-        got = [decoder.step(ids[:, :width], mask[:, :width], positions[:, :width], cache)]  # (B, 1, vocab)
+        # (B, 1, vocab) each, copied: a step's logits are the binding's array, overwritten by the next step
+        got = [decoder.step(ids[:, :width], mask[:, :width], positions[:, :width], cache).copy()]
         for t in range(width, total):  # each decode step feeds the next token of the sequence
-            got.append(decoder.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache))
+            got.append(decoder.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1], cache).copy())
         for k, logits in enumerate(got):  # step k returns the logits of position width - 1 + k
             want = ref[0][:, width - 1 + k]
             worst_logits = max(worst_logits, float(np.abs(logits[:, 0].astype(np.float32) - want).max()))

@@ -109,11 +109,12 @@ def window_logits(model, ids: np.ndarray, scored: int) -> np.ndarray:
         return logits[0, n - scored - 1:n - 1]
     context = n - scored
     cache = decoder.new_cache(1, capacity=n)
+    # .copy(): a shared_buffer step's logits are its IO binding's array, overwritten by the cache's next step
     out = [decoder.step(row[:, :context], np.ones((1, context), np.int64),
-                        np.arange(context, dtype=np.int64)[None], cache)[0, -1]]
+                        np.arange(context, dtype=np.int64)[None], cache)[0, -1].copy()]
     for t in range(context, n - 1):
         out.append(decoder.step(row[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]], np.int64),
-                                cache)[0, -1])
+                                cache)[0, -1].copy())
     return np.stack(out)
 
 
