@@ -6,7 +6,8 @@
 
 GPT-2 124M shapes (12 layers x 768) with seeded random weights (speed does not depend on the values), saved as
 GPT2Model (feature-extraction) and GPT2ForSequenceClassification (text-classification, 2 labels). Inputs: `batch`
-rows of `--seq` (128) random token ids, no padding, the same in every engine. Engines:
+rows of `--seq` (128) random token ids, no padding, the same in every engine (Optimum's GPT-2 export also takes
+position_ids: it gets 0..seq-1, what ours computes from the mask). Engines:
 
     ours          gptexport artifact, fp32 (fused), runtime.heads session
     ours-int8     gptexport --int8 (MatMulNBits 8-bit, block 32)
