@@ -25,11 +25,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import ArtifactError, GenerationError
-from .manifest import load_manifest, manifest_digest, read_verified
-from .onnx_refs import check_external_data
-from .session import check_cuda_placement, check_threads, create_session
+from .manifest import load_manifest, manifest_digest
+from .session import (MODEL_FILE, TOKENIZER_FILE, check_cuda_placement, check_threads, create_session,
+                      open_artifact_files)
 
-MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 TEXT_GENERATION = "text-generation"
 # which function serves which task, for the one-line refusals
 FUNCTIONS = {"feature-extraction": "embed", "text-classification": "classify", "token-classification": "tag",
@@ -335,17 +334,7 @@ def load_head(artifact_dir, provider: str = "cpu", verify: str = "auto", manifes
                             f"generate (embed, classify, tag, answer and choose need an export with --task)")
     if provider == "cuda":
         check_cuda_placement(manifest, directory)
-    for name in (MODEL_FILE, TOKENIZER_FILE):
-        if name not in manifest["files"]:
-            raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
-    raw = read_verified(directory, TOKENIZER_FILE, manifest, verify)
-    try:
-        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-        raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {str(e).strip()[:200]}") from None
-    graph = read_verified(directory, MODEL_FILE, manifest, verify)
-    external = check_external_data(directory, MODEL_FILE, manifest["files"], data=graph)
-    session = create_session(directory / MODEL_FILE, provider, threads, model_bytes=None if external else graph)
+    tokenizer, session = open_artifact_files(directory, manifest, verify, provider, threads, create_session)
     return HeadModel(manifest, tokenizer, session, directory, digest)
 
 

@@ -23,14 +23,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import ArtifactError, GenerationError
-from .manifest import check_pin, load_manifest, manifest_digest, read_verified
-from .onnx_refs import check_external_data
+from .manifest import check_pin, load_manifest, manifest_digest
 from .beam import beam_search
 from . import speculative as speculation
 from .sampling import SamplingParams, _check_float, next_tokens
-from .session import Decoder, check_cuda_placement, check_threads, create_session
+from .session import (MODEL_FILE, TOKENIZER_FILE, Decoder, check_cuda_placement, check_threads, create_session,
+                      open_artifact_files)
 
-MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
 _REPLACEMENT = "\ufffd"
 DEFAULT_MAX_BATCH_SIZE = 16  # prompts a generate call runs as one batch; a longer list runs as several
 # What a setting left as None becomes when the manifest does not say: transformers' GenerationConfig defaults
@@ -644,19 +643,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
         refuse_task(manifest, directory, "text-generation")
     if provider == "cuda":  # a node with no CUDA kernel would run on the CPU, copying its tensors every step
         check_cuda_placement(manifest, directory)
-    for name in (MODEL_FILE, TOKENIZER_FILE):
-        if name not in manifest["files"]:
-            raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
-    raw = read_verified(directory, TOKENIZER_FILE, manifest, verify)
-    try:
-        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as e:  # tokenizers raises a bare Exception
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {first}") from None
-    graph = read_verified(directory, MODEL_FILE, manifest, verify)
-    external = check_external_data(directory, MODEL_FILE, manifest["files"], data=graph)  # before onnxruntime
-    session = create_session(directory / MODEL_FILE, provider, threads, model_bytes=None if external else graph)
-    del graph
+    tokenizer, session = open_artifact_files(directory, manifest, verify, provider, threads, create_session)
     return Model(manifest, tokenizer, Decoder(session, provider, manifest), manifest_sha256=digest)
 
 

@@ -20,6 +20,8 @@ import onnxruntime as ort
 from .errors import ArtifactError, ProviderError
 from .kv import SharedKVCache, shared_step
 
+MODEL_FILE, TOKENIZER_FILE = "model.onnx", "tokenizer.json"
+
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -232,6 +234,37 @@ def create_session(model_path, provider: str = "cpu", threads=None, model_bytes:
         raise ProviderError(f"provider {provider!r} requested but onnxruntime could not use {providers[0]} "
                             "here (no device or driver?); use --provider cpu")
     return session
+
+
+def open_artifact_files(directory: Path, manifest: dict, verify: str, provider: str, threads=None, create=None):
+    """The verified tokenizer and graph of an artifact whose manifest is loaded: (Tokenizer, InferenceSession).
+
+    Shared by runtime.load (text generation) and runtime/heads.py (the other tasks); `create` is the session
+    factory (default `create_session`: the callers pass the one their module holds).
+
+    Raises:
+        ArtifactError: model.onnx or tokenizer.json is not in the manifest, a file fails its checksum, the
+            tokenizer does not parse, or the graph's external data is missing or wrong.
+    """
+    from tokenizers import Tokenizer
+
+    from .manifest import read_verified
+    from .onnx_refs import check_external_data
+
+    for name in (MODEL_FILE, TOKENIZER_FILE):
+        if name not in manifest["files"]:
+            raise ArtifactError(f"{directory} has no {name} in its manifest; re-run gptexport")
+    raw = read_verified(directory, TOKENIZER_FILE, manifest, verify)
+    try:
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"could not load {directory / TOKENIZER_FILE}: {first[:200]}") from None
+    graph = read_verified(directory, MODEL_FILE, manifest, verify)
+    external = check_external_data(directory, MODEL_FILE, manifest["files"], data=graph)  # before onnxruntime
+    session = (create or create_session)(directory / MODEL_FILE, provider, threads,
+                                         model_bytes=None if external else graph)
+    return tokenizer, session
 
 
 def kv_names(input_names: list) -> list:

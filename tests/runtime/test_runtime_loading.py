@@ -216,7 +216,9 @@ def test_the_graph_onnxruntime_loads_is_the_one_verified(artifact, monkeypatch):
 
 
 def test_the_tokenizer_loaded_is_the_one_verified(artifact, monkeypatch):
-    real = rm.read_verified
+    from gptexport.runtime import manifest as rmanifest  # runtime.load reads its files through it
+
+    real = rmanifest.read_verified
     calls = []
 
     def spy(directory, name, manifest, verify="auto"):
@@ -225,7 +227,7 @@ def test_the_tokenizer_loaded_is_the_one_verified(artifact, monkeypatch):
         (Path(directory) / name).write_bytes(b"{}")  # rewritten right after the verified read
         return data
 
-    monkeypatch.setattr(rm, "read_verified", spy)
+    monkeypatch.setattr(rmanifest, "read_verified", spy)
     assert runtime.load(artifact, verify="full").generate("xa", max_new_tokens=20) == CONTINUATION
     assert calls == ["tokenizer.json", "model.onnx"]
 
