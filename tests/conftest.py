@@ -32,6 +32,21 @@ from tiny_models import make_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """name -> a tiny checkpoint dir of tests/tiny_models.py (safetensors, fp32), made once, lazily; read-only
+    (a test that alters one works on a copy)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = tmp_path_factory.mktemp(name)
+            make_checkpoint(cache[name], name)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """name -> (checkpoint dir, artifact dir, manifest); each exported once, lazily."""
     from gptexport.exporter.build import ExportOptions, export

@@ -22,22 +22,6 @@ from gptexport.exporter.validate import logits_check
 from gptexport.graphs.precision import LOGITS_ATOL
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """name -> tiny checkpoint dir (safetensors, fp32)."""
-    from tiny_models import make_checkpoint
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = tmp_path_factory.mktemp(name)
-            make_checkpoint(cache[name], name)
-        return cache[name]
-
-    return get
-
-
 def _session(directory):
     import onnxruntime as ort
 
@@ -53,10 +37,10 @@ def nan_parameters(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["gptj-partial-rotary", "gpt2"])
-def test_streamed_fp32_matches_torch_and_in_memory_export(checkpoints, hf_model, tmp_path, name, nan_parameters):
+def test_streamed_fp32_matches_torch_and_in_memory_export(tiny_checkpoint, hf_model, tmp_path, name, nan_parameters):
     """Weights read lazily from safetensors give the graph the in-memory export has, bit for bit; nothing in
     the graph comes from the empty parameters (they hold NaN here)."""
-    ckpt = checkpoints(name)
+    ckpt = tiny_checkpoint(name)
     streamed = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "s"), stream=True, validate=False))
     in_memory = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "m"), stream=False, validate=False))
     assert streamed.manifest["streamed"] and "streamed" not in in_memory.manifest
@@ -72,10 +56,10 @@ def test_streamed_fp32_matches_torch_and_in_memory_export(checkpoints, hf_model,
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int4"])
-def test_streamed_export_validates_by_reduced_config(checkpoints, tmp_path, dtype, nan_parameters):
+def test_streamed_export_validates_by_reduced_config(tiny_checkpoint, tmp_path, dtype, nan_parameters):
     """fp16 and int4 written tensor by tensor; validation says how it was done, and the structural check passes."""
     from gptexport import runtime
-    ckpt = checkpoints("gptj-partial-rotary")
+    ckpt = tiny_checkpoint("gptj-partial-rotary")
     result = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "a"), stream=True, dtype=dtype))
     v = result.manifest["validation"]
     assert v["passed"], v
@@ -86,9 +70,9 @@ def test_streamed_export_validates_by_reduced_config(checkpoints, tmp_path, dtyp
     assert runtime.load(str(result.output)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
 
 
-def test_streamed_shared_buffer_validates_the_reduced_variant(checkpoints, tmp_path, nan_parameters):
+def test_streamed_shared_buffer_validates_the_reduced_variant(tiny_checkpoint, tmp_path, nan_parameters):
     """--kv-layout reaches the reduced-config re-export: the variant is validated, and its I/O checked."""
-    ckpt = checkpoints("gpt2")
+    ckpt = tiny_checkpoint("gpt2")
     result = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "a"), stream=True, kv_layout="shared_buffer"))
     v = result.manifest["validation"]
     assert v["passed"], v
@@ -97,12 +81,12 @@ def test_streamed_shared_buffer_validates_the_reduced_variant(checkpoints, tmp_p
     assert v["structural"]["passed"] and v["structural"]["fusion_counts"]["shared_kv"] == 2
 
 
-def test_streamed_external_data_threshold_cli(checkpoints, tmp_path):
+def test_streamed_external_data_threshold_cli(tiny_checkpoint, tmp_path):
     """The > 2 GB path on the streaming writer: a threshold of 0 puts every weight in model.onnx.data."""
     from gptexport import runtime
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(checkpoints("gpt2")), "-o", str(out),
+    proc = subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(tiny_checkpoint("gpt2")), "-o", str(out),
                            "--stream", "--fp16", "--external-data-threshold", "0"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -165,12 +149,12 @@ def test_fits_in_memory_decides_the_path():
     assert stream.fits_in_memory(gpt2_xl, available=24 * 1024**3)
 
 
-def test_missing_tensor_is_one_clear_error(checkpoints, tmp_path):
+def test_missing_tensor_is_one_clear_error(tiny_checkpoint, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from gptexport.exporter.presets import ExportError
 
-    src = checkpoints("gpt2")
+    src = tiny_checkpoint("gpt2")
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in ("config.json", "tokenizer.json"):
@@ -214,11 +198,11 @@ def _assert_nothing_written(tmp_path):
 
 
 @pytest.mark.parametrize("stream_", [True, False], ids=["streamed", "in-memory"])
-def test_truncated_checkpoint_is_refused_naming_file_and_tensor(checkpoints, tmp_path, stream_):
+def test_truncated_checkpoint_is_refused_naming_file_and_tensor(tiny_checkpoint, tmp_path, stream_):
     """A checkpoint cut by 2,000 bytes used to stream in silently (np.empty garbage for the missing bytes)."""
     from gptexport.exporter.presets import ExportError
 
-    ckpt = _copy_checkpoint(checkpoints("gpt2"), tmp_path / "cut")
+    ckpt = _copy_checkpoint(tiny_checkpoint("gpt2"), tmp_path / "cut")
     blob = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(blob[:-2000])
     with pytest.raises(ExportError) as err:
@@ -236,10 +220,10 @@ def test_truncated_checkpoint_is_refused_naming_file_and_tensor(checkpoints, tmp
     ("gap", "leaves a gap"),
     ("dtype", "unknown dtype"),
 ])
-def test_corrupt_safetensors_header_is_refused(checkpoints, tmp_path, corruption, expected):
+def test_corrupt_safetensors_header_is_refused(tiny_checkpoint, tmp_path, corruption, expected):
     from gptexport.exporter.presets import ExportError
 
-    ckpt = _copy_checkpoint(checkpoints("gpt2"), tmp_path / "bad")
+    ckpt = _copy_checkpoint(tiny_checkpoint("gpt2"), tmp_path / "bad")
 
     def edit(header):
         names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
@@ -260,9 +244,9 @@ def test_corrupt_safetensors_header_is_refused(checkpoints, tmp_path, corruption
     _assert_nothing_written(tmp_path)
 
 
-def test_reader_counts_the_bytes_it_reads(checkpoints, tmp_path):
+def test_reader_counts_the_bytes_it_reads(tiny_checkpoint, tmp_path):
     """A file that shrinks after its header was checked is caught at the read, not filled with garbage."""
-    ckpt = _copy_checkpoint(checkpoints("gpt2"), tmp_path / "ckpt")
+    ckpt = _copy_checkpoint(tiny_checkpoint("gpt2"), tmp_path / "ckpt")
     reader = stream.SafetensorsWeights(ckpt)
     path = ckpt / "model.safetensors"
     last = max(reader.names(), key=lambda n: reader.entries[n][3])
@@ -271,7 +255,7 @@ def test_reader_counts_the_bytes_it_reads(checkpoints, tmp_path):
         reader.read(last)
 
 
-def test_failed_validation_names_the_check_that_failed(checkpoints, tmp_path, monkeypatch):
+def test_failed_validation_names_the_check_that_failed(tiny_checkpoint, tmp_path, monkeypatch):
     """A streamed export whose structural check fails used to print only the reduced export's figures (all within
     their limits) as "validation failed: ..."; now the failed check and its problem are named."""
     from gptexport.exporter import validate
@@ -287,7 +271,7 @@ def test_failed_validation_names_the_check_that_failed(checkpoints, tmp_path, mo
 
     monkeypatch.setattr(validate, "structural_check", broken)
     with pytest.raises(ExportError) as err:
-        export(ExportOptions(model=str(checkpoints("gpt2")), output=str(tmp_path / "out"), stream=True))
+        export(ExportOptions(model=str(tiny_checkpoint("gpt2")), output=str(tmp_path / "out"), stream=True))
     message = str(err.value)
     assert message.startswith("validation failed: structural check of the artifact: model.transformer.h.0"), message
     assert "logits max abs diff" not in message and "greedy agreement" not in message, message

@@ -19,21 +19,6 @@ from gptexport.runtime.manifest import checksum_files
 IDS = np.array([15496, 995, 11, 314, 716, 257, 3797, 286])
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from tiny_models import make_checkpoint
-
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = tmp_path_factory.mktemp(name)
-            make_checkpoint(cache[name], name)
-        return cache[name]
-
-    return get
-
-
 class Recording:
     """A weight source that records every tensor read."""
 
@@ -52,9 +37,9 @@ class Recording:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gptj-partial-rotary"])
-def test_streamed_reference_is_torch_one_block_at_a_time(checkpoints, hf_model, name, monkeypatch):
+def test_streamed_reference_is_torch_one_block_at_a_time(tiny_checkpoint, hf_model, name, monkeypatch):
     monkeypatch.setattr(stream, "unwritten", lambda shape: torch.full(tuple(shape), float("nan")))
-    ckpt = checkpoints(name)
+    ckpt = tiny_checkpoint(name)
     full = hf_model(ckpt)
     weights = Recording(stream.SafetensorsWeights(ckpt))
     reference = StreamedReference(stream.empty_model(type(full), full.config), weights)
@@ -70,8 +55,8 @@ def test_streamed_reference_is_torch_one_block_at_a_time(checkpoints, hf_model, 
 
 
 @pytest.mark.parametrize("name,dtype", [("gpt2", "int4"), ("gptj-partial-rotary", "float16")])
-def test_streamed_export_validates_the_artifact_itself(checkpoints, tmp_path, name, dtype):
-    result = export(ExportOptions(model=str(checkpoints(name)), output=str(tmp_path / "out"), stream=True,
+def test_streamed_export_validates_the_artifact_itself(tiny_checkpoint, tmp_path, name, dtype):
+    result = export(ExportOptions(model=str(tiny_checkpoint(name)), output=str(tmp_path / "out"), stream=True,
                                   dtype=dtype))
     full = result.manifest["validation"]["full_artifact"]
     assert result.manifest["validation"]["passed"] and full["passed"] and full["tokens"] >= 20
@@ -79,8 +64,8 @@ def test_streamed_export_validates_the_artifact_itself(checkpoints, tmp_path, na
     assert "full_artifact" in result.manifest["validation"]["method"]
 
 
-def test_streamed_full_check_fails_on_a_broken_artifact(checkpoints, tmp_path):
-    ckpt = checkpoints("gpt2")
+def test_streamed_full_check_fails_on_a_broken_artifact(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("gpt2")
     artifact = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "out"), stream=True,
                                     external_data_threshold=0, validate=False)).output
     broken = tmp_path / "broken"
