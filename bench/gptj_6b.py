@@ -4,7 +4,9 @@
     python bench/gptj_6b.py decode --ours DIR [--ct2 DIR] [--new-tokens 64] [--prompt-tokens 32]
 
 `decode` runs each engine in its own process (so each peak RSS is its own), after one warm-up, greedy, batch 1,
-and prints a table. bench/gptj_6b.sh runs the whole measurement (exports with /usr/bin/time -v included).
+and prints a table. Its roof column divides decode tokens/s by what the machine's read bandwidth allows, measured
+in the same run (bench/runtime_bench.py's measures): bandwidth / the weight bytes one decode step reads, which are
+all of the artifact's initializers except the token-embedding table (a Gather reads one row of it per token). bench/gptj_6b.sh runs the whole measurement (exports with /usr/bin/time -v included).
 """
 
 from __future__ import annotations
@@ -139,18 +141,24 @@ def main() -> None:
     if args.ct2:
         rows["CTranslate2 int8"] = _run_worker("ct2", args.ct2, args)
     base = rows.get("CTranslate2 int8", {}).get("decode_tps")
+    from runtime_bench import _bandwidth_gbs, step_weight_bytes
+
+    bandwidth = _bandwidth_gbs()
+    step_bytes = step_weight_bytes(args.ours)
+    roof = bandwidth * 1e9 / step_bytes  # decode tokens/s if reading the weights once per token were all it took
     print(f"\nGPT-J-6B, random weights, batch 1, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, "
-          f"greedy, {args.threads} threads")
+          f"greedy, {args.threads} threads; read bandwidth {bandwidth:.1f} GB/s, our step reads "
+          f"{step_bytes / 2**30:.2f} GiB of weights: roof {roof:.2f} tok/s")
     print(f"| {'engine':<38} | {'load s':>7} | {'peak RSS GiB':>12} | {'prefill ms':>10} | {'decode tok/s':>12} "
-          f"| {'vs CTranslate2':>14} |")
-    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 14}|{'-' * 12}|{'-' * 14}|{'-' * 16}|")
+          f"| {'vs CTranslate2':>14} | {'x our roof':>10} |")
+    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 14}|{'-' * 12}|{'-' * 14}|{'-' * 16}|{'-' * 12}|")
     for name, r in rows.items():
         if "error" in r:
             print(f"| {name:<38} | failed: {r['error']}")
             continue
         ratio = f"{r['decode_tps'] / base:13.2f}x" if base else f"{'-':>14}"
         print(f"| {name:<38} | {r['load_s']:7.1f} | {r['peak_rss_gib']:12.2f} | {r['prefill_ms']:10.0f} | "
-              f"{r['decode_tps']:12.2f} | {ratio} |")
+              f"{r['decode_tps']:12.2f} | {ratio} | {r['decode_tps'] / roof:10.2f} |")
 
 
 if __name__ == "__main__":
