@@ -345,13 +345,15 @@ def resolve(model, speculative):
         with _DRAFT_LOCK:
             drafts = model.__dict__.setdefault("_drafts", {})
             if key not in drafts:
-                drafts[key] = load(speculative, provider=model.decoder.provider)
-            draft = drafts[key]
+                loaded = load(speculative, provider=model.decoder.provider)
+                _check_draft(model, loaded)  # once: comparing two 50k-token vocabularies costs ~0.1 s a call
+                drafts[key] = loaded
+            return drafts[key]
     else:
         raise GenerationError(f"speculative must be None, {PROMPT_LOOKUP!r} or a draft artifact directory, got "
                               f"{type(speculative).__name__}")
     if draft is not PROMPT_LOOKUP:
-        _check_draft(model, draft)
+        _check_draft(model, draft)  # a Model the caller passed: checked on every call, it may have changed
     return draft
 
 
