@@ -74,7 +74,8 @@ def save_graph(ir_model, directory: Path, threshold: int) -> None:
 def build_manifest(loaded, facts, ir_model, opts, passes: dict) -> dict:
     """The manifest of a freshly traced graph (docs/ARTIFACT.md), without "files" and "validation" results."""
     model = {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
-             "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision}
+             "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision,
+             "checkpoint": loaded.checkpoint}
     generation_config = getattr(loaded.model, "generation_config", None)  # the checkpoint's (exporter/load.py)
     return describe_graph(model, tokenizer_record(loaded), loaded.model.config, generation_config, facts, ir_model,
                           opts.dtype, passes)

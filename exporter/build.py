@@ -112,7 +112,7 @@ def failed_checks(v: dict) -> str:
     where = f" of the reduced {v['reduced_config']['num_layers']}-layer export" if "reduced_config" in v else ""
     failed = []
     if "failed_checks" in v:  # the validator judged its own figures (exporter/validate.py: judge)
-        failed += [f"{c}{where}" for c in v["failed_checks"]]
+        failed += [c if c.startswith("full artifact:") else f"{c}{where}" for c in v["failed_checks"]]
     elif v.get("logits_max_abs_diff", 0.0) > v.get("logits_tolerance", float("inf")):
         failed.append(f"logits max abs diff{where} {v['logits_max_abs_diff']:.3g} above the tolerance "
                       f"{v['logits_tolerance']}")

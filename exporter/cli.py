@@ -242,15 +242,39 @@ def adopt_cli(source, output, checkpoint, force, fuse, strict, dtype, kv_layout)
     click.echo(_adopt_summary(adopt(opts, on_step=_Progress(ADOPT_STEPS))))
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact_dir", type=str)
+@click.option("--checkpoint", default=None, metavar="SRC",
+              help="What to validate against: a preset, hub id or local checkpoint dir (default: what the manifest "
+                   "records; a random-weight export gets its preset or config with the same seed).")
+@click.option("--validation-text", multiple=True, type=click.Path(dir_okay=False),
+              help="A UTF-8 text file the validation scores (repeatable). Default: the fp32 model's own samples.")
+@click.option("--calibration", multiple=True, metavar="FILE",
+              help="A streamed artifact's --calibration files (its reduced-config export is quantized again).")
+def validate_cli(artifact_dir, checkpoint, validation_text, calibration):
+    """Validate the artifact in ARTIFACT_DIR as the export does (streamed for a streamed export) and record the
+    result in its manifest; a failed validation changes nothing and exits 2."""
+    from .revalidate import STEPS as VALIDATE_STEPS
+    from .revalidate import validate_artifact
+
+    result = validate_artifact(artifact_dir, checkpoint, tuple(validation_text), tuple(calibration),
+                               on_step=_Progress(VALIDATE_STEPS))
+    click.echo(_summary(result))
+    click.echo(f"manifest sha256: {manifest_digest(result.output)}")
+
+
+COMMANDS = {"adopt": (adopt_cli, "gptexport adopt"), "validate": (validate_cli, "gptexport validate")}
+
+
 def main(argv=None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2.
 
-    `gptexport adopt ...` runs the adopt command; anything else is `gptexport MODEL ...` (a local directory
-    named "adopt" is exported as ./adopt).
+    `gptexport adopt ...` and `gptexport validate ...` run those commands; anything else is `gptexport MODEL ...`
+    (a local directory named "adopt" or "validate" is exported as ./adopt, ./validate).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    command, prog = (adopt_cli, "gptexport adopt") if args[:1] == ["adopt"] else (cli, "gptexport")
-    if command is adopt_cli:
+    command, prog = COMMANDS.get(args[0] if args else "", (cli, "gptexport"))
+    if command is not cli:
         args = args[1:]
     try:
         command.main(args=args, prog_name=prog, standalone_mode=False)

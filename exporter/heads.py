@@ -136,7 +136,7 @@ def head_manifest(loaded, facts: dict, ir_model, opts, passes: dict) -> dict:
         "task": loaded.task,
         "model": {"name": loaded.name, "architecture": loaded.architecture.name, "source": loaded.source,
                   "random_weights": loaded.random_weights, "seed": loaded.seed, "revision": loaded.revision,
-                  "class": model_class(loaded.task, loaded.architecture.name)},
+                  "checkpoint": loaded.checkpoint, "class": model_class(loaded.task, loaded.architecture.name)},
         "labels": id2label(config, loaded.task),
         "tokenizer": tokenizer_record(loaded),
         "config": facts,

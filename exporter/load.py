@@ -28,6 +28,8 @@ class Loaded:
     revision: str | None = None  # the hub commit sha that config, tokenizer and weights were all read from
     tokenizer_origin: str = "checkpoint"  # or "gpt2": GPT-2's vocabulary (a preset, or a checkpoint shipping none)
     task: str = "text-generation"  # exporter/tasks.py: what the graph computes (the transformers class exported)
+    # what loads it again (`gptexport validate`): a preset name, a hub id, or a local directory's absolute path
+    checkpoint: str | None = None
 
 
 def _first_line(err: Exception) -> str:
@@ -201,6 +203,7 @@ def load(model: str, random_weights: bool = False, seed: int = 0, trust_remote_c
         check_loading(info, task, model_cls.__name__, model if source != "local" else where)
         loaded = Loaded(net.eval(), arch, name, source, None, False, None)
     loaded.task = task
+    loaded.checkpoint = str(Path(where).resolve()) if source == "local" else model
     # what from_pretrained reads from generation_config.json, for empty (streamed) and random-weight models too
     loaded.model.generation_config = checkpoint_generation_config(
         None if source == "preset" and random_weights else where, config)

@@ -14,6 +14,11 @@ INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU (activations int8 per token/block)
 QUANT_METHODS = ("gptq", "search", "rtn")
 INT8_KERNELS = ("nbits", "dynamic")
+# the manifest's words for each method (`gptexport validate` reads them back)
+METHOD_TEXT = {"search": "error-minimising scale search weighted by calibration activations",
+               "gptq": "GPTQ: rounding error compensated through each MatMul's calibration Hessian, block scales by "
+                       "the weighted search",
+               "rtn": "round to nearest"}
 # The sensitive MatMuls int4 keeps at 8 bits: the lm_head (its error goes straight into the logits; measured in
 # BENCHMARKS.md). More entries (fnmatch patterns over weight names) come from --keep-8bit.
 KEEP_8BIT = ("lm_head",)
@@ -95,8 +100,5 @@ def _nbits_record(bits: int, block: int, method: str, quant: dict, summary) -> d
             "symmetric_why": "onnxruntime issue 29853: asymmetric 4-bit weights with int8 compute are wrong at M=1 "
                              "on AVX2-only CPUs",
             "activations": "int8 per token and block of K, inside the kernel (accuracy_level 4)",
-            "method": {"search": "error-minimising scale search weighted by calibration activations",
-                       "gptq": "GPTQ: rounding error compensated through each MatMul's calibration Hessian, block "
-                               "scales by the weighted search",
-                       "rtn": "round to nearest"}[method],
+            "method": METHOD_TEXT[method],
             "calibration": quant.get("calibration", {"source": "none"}), **summary.record()}
