@@ -447,16 +447,18 @@ class Model:
                 row.text = self._decode([t for t in row.tokens if t != eos])
 
     def _advance(self, rows: list, seen: list, logits: np.ndarray, params: SamplingParams, step: int, stops: list,
-                 live_text: bool, eos, rng, logprobs: bool = True) -> np.ndarray:
+                 live_text: bool, eos, rng, logprobs: bool = True, tokens=None) -> np.ndarray:
         """One step of the loop, shared with the server's scheduler (runtime/scheduler.py): choose every row's
         next token from its last position's logits (B, vocab), append it, and emit it into each live row
-        (with its log-probability when `logprobs`).
+        (with its log-probability when `logprobs`). `tokens` (B,): the ids already chosen by the same rule
+        (the scheduler chooses a whole running batch's at once, `sampling.next_tokens_each`).
 
         Returns:
             (B,) the ids fed to the next step (pad_token_id for rows that were already done).
         """
         active = np.array([not row.done for row in rows])
-        tokens = next_tokens(logits, params, seen, step, eos, rng)
+        if tokens is None:
+            tokens = next_tokens(logits, params, seen, step, eos, rng)
         tokens = np.where(active, tokens, self.pad_token_id)  # (B,)
         values = _log_softmax_at(logits, tokens).tolist() if logprobs else [None] * len(rows)  # (B,)
         for row, ids, token, live, logprob in zip(rows, seen, tokens.tolist(), active, values):

@@ -11,9 +11,11 @@ Sequences admitted in the same step on consecutive slots are prefilled in one ru
 `SlotCache`: right-padded prompts, one graph call): a burst of requests reaches its first tokens sooner than with
 one prefill run each.
 
-Each sequence keeps its own settings (greedy or sampling, its own seeded RNG, stop strings, max_new_tokens) and
-goes through `Model._advance`, the very step `Model.generate` runs (one sampling, one stop-string implementation),
-so a request gives the tokens it gives alone through `runtime.generate` with the same seed.
+Each sequence keeps its own settings (greedy or sampling, its own seeded RNG, stop strings, max_new_tokens). A
+step chooses every sequence's token at once (`sampling.next_tokens_each`: one argmax over the greedy rows, each
+sampling row from its own Generator, what `next_tokens` gives it alone), then each goes through `Model._advance`,
+the very step `Model.generate` runs (one sampling, one stop-string implementation), so a request gives the tokens
+it gives alone through `runtime.generate` with the same seed.
 
 The loop runs in one thread; callers on other threads `submit`, `cancel` and read the gauges. Updates go back
 through each sequence's `on_update` callback, called on the loop's thread with an immutable `Update`.
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .model import Model, _Row
-from .sampling import SamplingParams
+from .sampling import SamplingParams, next_tokens_each
 
 log = logging.getLogger("gptexport.serve")
 _REPLACEMENT = "\ufffd"
@@ -264,9 +266,11 @@ class Scheduler:
                 rows = self.cache.prefill_many(group[0].slot, [seq.row.prompt for seq in group])
             except Exception:  # noqa: BLE001 - find the failing sequence: prefill each alone
                 rows = None
+        tokens = self._choose(group, rows) if rows is not None else None
         for i, seq in enumerate(group):
             try:
-                self._advance(seq, rows[i] if rows is not None else self.cache.prefill(seq.slot, seq.row.prompt))
+                logits = rows[i] if rows is not None else self.cache.prefill(seq.slot, seq.row.prompt)
+                self._advance(seq, logits, None if tokens is None else tokens[i])
             except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
                 self._fail(seq, e)
 
@@ -284,20 +288,36 @@ class Scheduler:
         self.steps += 1
         if self.observer:
             self.observer.step(len(seqs))
+        chosen = self._choose(seqs, rows) if rows is not None else None
         for i, seq in enumerate(seqs):
             try:
                 logits = rows[i] if rows is not None else self.cache.decode([seq.slot], [tokens[i]])[0]
-                self._advance(seq, logits)
+                self._advance(seq, logits, None if chosen is None else chosen[i])
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
 
-    def _advance(self, seq: Sequence, logits: np.ndarray) -> None:
-        """Choose, emit and report one token of `seq` from its logits (vocab,)."""
+    def _choose(self, seqs: list, rows: np.ndarray):
+        """Every sequence's next token from its row of `rows` (len(seqs), vocab) in one call, or None when that
+        fails (each sequence then chooses alone, so that only a faulty one fails)."""
+        drawing = [s for s in seqs if not s.params.greedy]
+        states = [s.rng.bit_generator.state for s in drawing]  # a failure halfway must not have used up draws
+        try:
+            return next_tokens_each(rows, [s.params for s in seqs], [s.seen for s in seqs],
+                                    [s.generated for s in seqs], [s.eos for s in seqs], [s.rng for s in seqs])
+        except Exception:  # noqa: BLE001
+            for seq, state in zip(drawing, states):
+                seq.rng.bit_generator.state = state
+            return None
+
+    def _advance(self, seq: Sequence, logits: np.ndarray, token=None) -> None:
+        """Emit and report one token of `seq` from its logits (vocab,): `token` when it was chosen with the
+        batch's (`_choose`), else chosen here."""
         if seq.fault and seq.generated >= 1:
             raise RuntimeError("injected fault (GPTEXPORT_SERVE_FAULT)")
         logits = logits[None, :]  # (1, vocab)
         self.model._advance([seq.row], [seq.seen], logits, seq.params, seq.generated, seq.stops, True, seq.eos,
-                            seq.rng, logprobs=seq.top_logprobs is not None)  # only logprobs requests report them
+                            seq.rng, logprobs=seq.top_logprobs is not None,  # only logprobs requests report them
+                            tokens=None if token is None else np.array([token], dtype=np.int64))
         seq.generated += 1
         now = time.perf_counter()
         if self.observer:
