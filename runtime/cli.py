@@ -102,6 +102,8 @@ def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, s
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None, help="Read the key from this file.")
 @click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="onnxruntime threads (default: the usable cores).")
+@click.option("--spin-threads", is_flag=True, help="Let onnxruntime's idle threads spin between runs (default: they "
+              "sleep, leaving the cores to the HTTP loop and other processes; spinning can help on an idle machine).")
 @click.option("--request-timeout", type=click.FloatRange(0, None, min_open=True), default=600.0, show_default=True,
               help="Seconds a request may take, queue included.")
 @click.option("--drain-timeout", type=click.FloatRange(0, None), default=30.0, show_default=True,

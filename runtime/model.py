@@ -612,7 +612,7 @@ class Model:
 
 
 def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: dict | None = None, threads=None,
-         manifest_sha256: str | None = None) -> Model:
+         manifest_sha256: str | None = None, spin_threads: bool = True) -> Model:
     """Verify an artifact and load it for generation.
 
     The graph (when it has no external data: models under 2 GB) and the tokenizer are read once, and the bytes
@@ -629,6 +629,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
         threads: onnxruntime intra-op threads (None: the cores this process may run on, see
             `session.available_cores`: CPU affinity and cgroup quota).
         manifest_sha256: refuse the artifact unless manifest.json's sha256 is this (the digest gptexport prints).
+        spin_threads: False: onnxruntime's idle intra-op threads sleep instead of spinning (`gptrun serve`).
     Returns:
         A Model (`model.manifest_sha256` is the digest of the manifest it loaded).
     Raises:
@@ -645,7 +646,8 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
         refuse_task(manifest, directory, "text-generation")
     if provider == "cuda":  # a node with no CUDA kernel would run on the CPU, copying its tensors every step
         check_cuda_placement(manifest, directory)
-    tokenizer, session = open_artifact_files(directory, manifest, verify, provider, threads, create_session)
+    create = create_session if spin_threads else functools.partial(create_session, spin_threads=False)
+    tokenizer, session = open_artifact_files(directory, manifest, verify, provider, threads, create)
     return Model(manifest, tokenizer, Decoder(session, provider, manifest), manifest_sha256=digest)
 
 

@@ -115,10 +115,19 @@ def check_threads(threads) -> None:
                             f"got {threads!r}")
 
 
-def session_options(threads=None) -> ort.SessionOptions:
-    """Full graph optimisation, sequential execution, one intra-op thread per available core (or `threads`)."""
+SPINNING = "session.intra_op.allow_spinning"
+
+
+def session_options(threads=None, spin_threads: bool = True) -> ort.SessionOptions:
+    """Full graph optimisation, sequential execution, one intra-op thread per available core (or `threads`).
+
+    spin_threads False: the intra-op threads sleep between runs instead of spinning (onnxruntime's default): a
+    server's HTTP loop and its scheduler's Python run between the runs on the same cores (bench/serve_bench.py).
+    """
     check_threads(threads)
     options = ort.SessionOptions()
+    if not spin_threads:
+        options.add_session_config_entry(SPINNING, "0")
     options.intra_op_num_threads = int(threads) if threads is not None else available_cores()
     # errors only: at load onnxruntime warns about every input with a default (logits_to_keep, by design
     # overridable) on every process start; what a user must know is raised or warned by the runtime itself
@@ -201,8 +210,8 @@ def _cuda_session(source, model_path, threads) -> ort.InferenceSession:
                                 enable_fallback=0)
 
 
-def create_session(model_path, provider: str = "cpu", threads=None, model_bytes: bytes | None = None
-                   ) -> ort.InferenceSession:
+def create_session(model_path, provider: str = "cpu", threads=None, model_bytes: bytes | None = None,
+                   spin_threads: bool = True) -> ort.InferenceSession:
     """Load an ONNX graph into an InferenceSession.
 
     Args:
@@ -211,6 +220,7 @@ def create_session(model_path, provider: str = "cpu", threads=None, model_bytes:
         threads: intra-op threads (None: `available_cores()`).
         model_bytes: the graph's bytes, already read and verified (a graph without external data): onnxruntime
             loads these instead of opening `model_path`, so the file cannot change between hashing and loading.
+        spin_threads: see `session_options`.
     Returns:
         The session.
     Raises:
@@ -220,7 +230,7 @@ def create_session(model_path, provider: str = "cpu", threads=None, model_bytes:
         CPUFallbackWarning: provider "cuda" and onnxruntime placed some nodes on the CPU (see `_cuda_session`).
     """
     providers = resolve_providers(provider)
-    options = session_options(threads)
+    options = session_options(threads, spin_threads)
     try:
         source = model_bytes if model_bytes is not None else str(model_path)
         if provider == "cuda":

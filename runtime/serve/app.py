@@ -62,6 +62,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     manifest_sha256: str | None = None  # refuse any other manifest.json (a deployment's replicas pin one)
     verify: str = "auto"  # checksum policy at load (runtime.manifest); Ray replicas use "full"
+    spin_threads: bool = False  # onnxruntime's idle threads spin between runs (off: they leave the cores to HTTP)
 
 
 class Service:
@@ -96,7 +97,7 @@ class Service:
         try:
             self.model, self.kv_note = load_for_serving(self.config.artifact, self.config.provider,
                                                         self.config.threads, self.config.manifest_sha256,
-                                                        self.config.verify)
+                                                        self.config.verify, self.config.spin_threads)
             self.token_text = TokenText(self.model.tokenizer)
             positions = self.model.max_positions
             self.context = min(self.config.context or positions, positions)

@@ -160,6 +160,23 @@ def test_sessions_use_the_available_cores_and_threads_overrides(artifact, tmp_pa
             runtime.load(artifact, threads=bad)
 
 
+def _spinning(model):
+    """The session's allow_spinning entry ("0": off), or None when unset (onnxruntime's default: on)."""
+    try:
+        return model.decoder.session.get_session_options().get_session_config_entry(rs.SPINNING)
+    except RuntimeError:  # "does not have configuration with key"
+        return None
+
+
+def test_a_server_s_sessions_do_not_spin_between_runs(artifact):
+    """gptrun serve loads with spin_threads=False: the idle intra-op threads sleep; generate keeps the default."""
+    from gptexport.runtime.serve.loader import load_for_serving
+
+    assert _spinning(load_for_serving(artifact)[0]) == "0"
+    assert _spinning(load_for_serving(artifact, spin_threads=True)[0]) is None
+    assert _spinning(runtime.load(artifact)) is None
+
+
 # -- item 14: pinning the manifest, loading the verified bytes -------------------------------------------------
 
 def test_a_pinned_manifest_loads_and_any_other_is_refused(artifact):
