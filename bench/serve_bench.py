@@ -1,14 +1,22 @@
 """`gptrun serve` under concurrent streaming clients, against one-at-a-time serving and llama.cpp's llama-server.
 
-Starts each server on GPT-2 124M (random weights; fp32, int8 and int4), drives it over 127.0.0.1 with httpx at 1, 4,
-16 and 64 concurrent streaming clients (a bounded number of requests each: a 32-token prompt given as token
-ids, 32 generated tokens), and prints one table: aggregate generated tok/s, p50/p95 time to first token, p50/p95
-inter-token latency, requests refused with 429 and how fast. Rows:
+Starts each server on GPT-2 124M (random weights; fp32, int8 and int4; int8-dynamic: the same 8 bits on
+onnxruntime's DynamicQuantizeMatMul, `gptexport --int8 --int8-kernel dynamic`), drives it over 127.0.0.1 with httpx
+at 1, 4, 16 and 64 concurrent streaming clients (a bounded number of requests each: a 32-token prompt given as
+token ids, 32 generated tokens), and prints one table: aggregate generated tok/s, p50/p95 time to first token,
+p50/p95 inter-token latency, requests refused with 429 and how fast; then, per precision, issue 12's targets at
+16 clients against the rows of the same run. Rows:
 
   gptexport      --max-batch 16 --max-queue 32 (continuous batching; at 64 clients the excess gets 429)
   one-at-a-time  --max-batch 1 --max-queue 64 (batching off: the same server, one sequence at a time)
   llama-server   -np 16 (continuous batching) on a GGUF conversion of the same checkpoint at the same precision
-                 (f32 / q8_0 / q4_0: bench/llama_cpp.py)
+                 (f32 / q8_0 / q4_0: bench/llama_cpp.py; int8-dynamic has no row of its own: its peer is int8's)
+
+The full table (every row above at 1/4/16/64 clients; fp32, int8 and int8-dynamic), one command:
+
+    LD_LIBRARY_PATH=/work/cache/llama.cpp/build-noamx/bin \
+    LLAMA_CPP_DIR=/work/cache/llama.cpp/llama_cpp_python-0.3.36/vendor/llama.cpp \
+    python bench/serve_bench.py --work /tmp/speed/serve-work --precisions fp32 int8 int8-dynamic
 
     python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--llama-bin DIR] [--precisions fp32 int8 int4]
                                 [--clients 1 4 16 64] [--new-tokens 32] [--requests-per-client N]
@@ -83,7 +91,8 @@ def checkpoint(work: Path) -> Path:
 def artifact(work: Path, ckpt: Path, precision: str) -> Path:
     out = work / f"gpt2-{precision}-inplace"
     if not (out / "manifest.json").exists():
-        flags = {"fp32": [], "int8": ["--int8"], "int4": ["--int4"]}[precision]
+        flags = {"fp32": [], "int8": ["--int8"], "int8-dynamic": ["--int8", "--int8-kernel", "dynamic"],
+                 "int4": ["--int4"]}[precision]
         subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(ckpt), "-o", str(out), "--force",
                         "--kv-layout", "shared_buffer", *flags], check=True)
     return out
@@ -188,20 +197,21 @@ async def drive(served: Served, prompt: list, clients: int, per_client: int, sta
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         out["wall"] = time.perf_counter() - start
+    out["sent"] = clients * per_client
     return out
 
 
 def row(name: str, precision: str, clients: int, out: dict) -> str:
     ms = lambda v: f"{v * 1000:7.1f}"  # noqa: E731
     refused = out["refused"]
-    return (f"| {name:<13} | {precision:<5} | {clients:>3} | {out['done']:>4} | {out['tokens'] / out['wall']:7.1f} | "
+    return (f"| {name:<13} | {precision:<12} | {clients:>3} | {out['done']:>4} | {out['tokens'] / out['wall']:7.1f} | "
             f"{ms(percentile(out['ttft'], .5))} | {ms(percentile(out['ttft'], .95))} | "
             f"{ms(percentile(out['itl'], .5))} | {ms(percentile(out['itl'], .95))} | {len(refused):>4} | "
             f"{ms(max(refused)) if refused else '      -'} | {len(out['errors']):>3} |")
 
 
-HEADER = ("| server        | prec  |  c  | done |  tok/s  | TTFT p50| TTFT p95| ITL p50 | ITL p95 | 429s | 429 max | err |\n"
-          "|---------------|-------|-----|------|---------|---------|---------|---------|---------|------|---------|-----|")
+HEADER = ("| server        | prec         |  c  | done |  tok/s  | TTFT p50| TTFT p95| ITL p50 | ITL p95 | 429s | 429 max | err |\n"
+          "|---------------|--------------|-----|------|---------|---------|---------|---------|---------|------|---------|-----|")
 
 
 def main() -> None:
@@ -212,7 +222,7 @@ def main() -> None:
     parser.add_argument("--llama-bin", default=None,
                         help="llama.cpp binaries (default: $LLAMA_CPP_BIN, else LLAMA_DIR/build/bin)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"],
-                        choices=["fp32", "int8", "int4"])
+                        choices=["fp32", "int8", "int8-dynamic", "int4"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", default=["gptexport", "one-at-a-time", "llama-server"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -233,7 +243,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     text = Path(os.__file__).read_text()[:4000]
     prompt = tokenizer.encode(text).ids[:PROMPT_TOKENS]  # real text: the opening of the stdlib's os.py
-    lines = [HEADER]
+    lines, results = [HEADER], {}
     print(HEADER, flush=True)
     for precision in args.precisions:
         art = artifact(args.work, ckpt, precision)
@@ -243,6 +253,8 @@ def main() -> None:
                     served = gptexport_server(art, 16, 32, args.threads)
                 elif name == "one-at-a-time":
                     served = gptexport_server(art, 1, 64, args.threads)
+                elif precision == "int8-dynamic":  # the same GGUF as int8: its rows are the peer
+                    continue
                 else:
                     source, binaries = llama_cpp.locate(args.llama_dir, args.llama_bin)
                     model = llama_cpp.gguf(args.work, ckpt, source, binaries, precision)
@@ -258,6 +270,7 @@ def main() -> None:
                 for clients in counts:
                     per_client = args.requests_per_client or (1 if clients >= 64 else max(2, 8 // clients))
                     out = asyncio.run(drive(served, prompt, clients, per_client, args.stagger))
+                    results[name, precision, clients] = out
                     line = row(name + (" stag" if args.stagger else ""), precision, clients, out)
                     lines.append(line)
                     print(line, flush=True)
@@ -267,6 +280,35 @@ def main() -> None:
             finally:
                 served.stop()
     print("\n".join(lines))
+    print("\n" + "\n".join(targets(results, args.precisions)))
+
+
+def targets(results: dict, precisions: list, clients: int = 16) -> list:
+    """Issue 12's targets at `clients` clients, from the rows of this run (a missing row: "-")."""
+    lines = [f"| targets at {clients} clients | tok/s vs one-at-a-time (>= 4x) | tok/s vs llama-server (>= 1x) | "
+             f"ITL p50 vs 1 client (<= 3x) | TTFT p95 (<= 1 s) | 64 clients: lost / 429 max |",
+             "|---|---|---|---|---|---|"]
+    rate = lambda out: out["tokens"] / out["wall"] if out else float("nan")  # noqa: E731
+    for precision in precisions:
+        ours = results.get(("gptexport", precision, clients))
+        if ours is None:
+            continue
+        alone = results.get(("one-at-a-time", precision, clients))
+        peer = results.get(("llama-server", "int8" if precision == "int8-dynamic" else precision, clients))
+        single = results.get(("gptexport", precision, 1))
+        many = results.get(("gptexport", precision, 64))
+        ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
+        itl = percentile(ours["itl"], .5)
+        lost = "-"
+        if many is not None:  # every request sent is either answered in full or refused with 429
+            refused = many["refused"]
+            lost = (f"{many['sent'] - many['done'] - len(refused)} lost ({len(many['errors'])} errors) / "
+                    + (f"{max(refused) * 1000:.0f} ms" if refused else "no 429"))
+        lines.append(f"| {precision} | {ratio(rate(ours), rate(alone)) if alone else '-'} | "
+                     f"{ratio(rate(ours), rate(peer)) if peer else '-'} | "
+                     f"{ratio(itl, percentile(single['itl'], .5)) if single else '-'} | "
+                     f"{percentile(ours['ttft'], .95):.2f} s | {lost} |")
+    return lines
 
 
 if __name__ == "__main__":
