@@ -61,7 +61,8 @@ def cli():
 @click.option("--draft", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Speculative decoding with a smaller artifact with the same tokenizer as the draft model.")
 @click.option("--speculative-tokens", "num_speculative_tokens", type=int, default=None,
-              help="With --prompt-lookup or --draft: drafts per round at most (default 5; fewer while rejected).")
+              help="With --prompt-lookup or --draft: drafts per round at most (default 10 with --prompt-lookup, 5 "
+                   "with --draft; fewer while rejected).")
 def generate_cmd(artifact, prompt, stream, provider, threads, manifest_sha256, stats, stop, prompt_lookup, draft,
                  **settings):
     """Print the continuation of PROMPT by the model in ARTIFACT."""

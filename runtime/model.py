@@ -298,7 +298,8 @@ class Model:
                 far) or a draft artifact directory (a smaller model with the same tokenizer; or a loaded Model):
                 drafted tokens are checked in one graph call, so greedy output is the same token for token and
                 sampling has the same distribution (runtime/speculative.py); Stats count drafted/accepted.
-            num_speculative_tokens: drafts per round at most (None: 5); fewer while drafts are rejected.
+            num_speculative_tokens: drafts per round at most (None: 10 with prompt lookup, 5 with a draft model);
+                fewer while drafts are rejected.
         Returns:
             The continuation text (str, or list of str for a list prompt); with `return_tokens` and/or
             `return_logprobs`, a tuple (text(s), [token ids], [log-probabilities]) in that order; with
@@ -385,7 +386,7 @@ class Model:
                 raise GenerationError("num_speculative_tokens needs speculative ('prompt_lookup' or a draft "
                                       "artifact directory)")
             return self._run
-        k = speculation.check_tokens(num_speculative_tokens)
+        k = speculation.check_tokens(num_speculative_tokens, speculative)
         if num_beams > 1:
             raise GenerationError("speculative decoding is not supported with beam search (num_beams > 1)")
         draft = speculation.resolve(self, speculative)

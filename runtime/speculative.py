@@ -44,7 +44,8 @@ SHARED_BATCH = ("speculative decoding with a shared_buffer artifact runs one pro
 from .sampling import SamplingParams, next_token_probs, next_tokens, sample
 
 PROMPT_LOOKUP = "prompt_lookup"
-DEFAULT_SPECULATIVE_TOKENS = 5  # K: drafts per round at most (transformers' assisted generation starts at 5)
+DEFAULT_SPECULATIVE_TOKENS = 5  # K with a draft model (transformers' assisted generation starts at 5)
+DEFAULT_LOOKUP_TOKENS = 10  # K with prompt lookup, whose drafts cost nothing (transformers' default is 10 too)
 MAX_SPECULATIVE_TOKENS = 64
 NGRAM_SIZES = (3, 2, 1)  # prompt lookup: the longest suffix of the text that occurred before wins
 MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing
@@ -56,7 +57,9 @@ class NgramIndex:
     """Prompt lookup for one sequence: where each n-gram (n in NGRAM_SIZES) last occurred, updated as ids arrive.
 
     `propose(k)` finds the longest suffix of the ids that occurred before (its latest earlier occurrence) and
-    proposes the k ids that followed it: a dict lookup per n, not a scan of the text.
+    proposes the k ids that followed it: a dict lookup per n, not a scan of the text. When fewer than k ids follow
+    it (the occurrence is the text's last period: the text is looping, as greedy decoding often does), the copy
+    goes on into the drafts themselves, so a loop of period p is drafted k ids ahead, not p.
     """
 
     def __init__(self, ids: list):
@@ -79,7 +82,8 @@ class NgramIndex:
             if len(ids) > n:
                 at = self.follows[n].get(tuple(ids[-n:]))
                 if at is not None:
-                    return ids[at:at + k]
+                    period = len(ids) - at  # ids[at:] then what it drafts: ids[at + j] is ids[at + j - period]
+                    return [ids[at + j % period] for j in range(k)]
         return []
 
 
@@ -312,10 +316,10 @@ class _Schedule:
 
 # -- the loop ------------------------------------------------------------------------------------------------------
 
-def check_tokens(k) -> int:
-    """Validate num_speculative_tokens (None: the default)."""
+def check_tokens(k, speculative=None) -> int:
+    """Validate num_speculative_tokens (None: the default for `speculative`, prompt lookup's or a draft model's)."""
     if k is None:
-        return DEFAULT_SPECULATIVE_TOKENS
+        return DEFAULT_LOOKUP_TOKENS if speculative == PROMPT_LOOKUP else DEFAULT_SPECULATIVE_TOKENS
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
         raise GenerationError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], "
                               f"got {k!r}")

@@ -149,6 +149,14 @@ def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
     assert index.propose(2) == []  # 8 never occurred before
 
 
+def test_ngram_index_drafts_a_loop_past_its_period():
+    # the latest earlier occurrence of the suffix ends the text's last period: the copy runs on into the drafts
+    assert spec.NgramIndex([5, 1, 2, 1, 2, 1, 2]).propose(5) == [1, 2, 1, 2, 1]  # suffix (1, 2, 1, 2) ... period 2
+    assert spec.NgramIndex([9, 7, 7, 7]).propose(4) == [7, 7, 7, 7]  # period 1: not one draft a round
+    assert spec.NgramIndex([1, 2, 3, 9, 1, 2, 3]).propose(6) == [9, 1, 2, 3, 9, 1]  # 4 ids follow, then the copy
+    assert spec.NgramIndex([3, 4, 5, 6]).propose(3) == []  # nothing repeats: no drafts
+
+
 # -- sampling: the acceptance rule keeps the target's distribution ---------------------------------------------------
 
 # Draws per acceptance-rule check. At 2000 the biased rule of the negative control (its distribution is known in
