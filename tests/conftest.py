@@ -48,20 +48,32 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """name -> (checkpoint dir, artifact dir, manifest); each exported once, lazily."""
+    """(name, **options) -> (checkpoint dir, artifact dir, manifest); each (name, options) exported once, lazily.
+
+    `options` are ExportOptions fields (dtype, fuse, kv_layout, ...); none: the default export. Every export of one
+    name reads the same checkpoint dir. Read-only: a test that alters an artifact works on a copy.
+    """
+    import dataclasses
+
     from gptexport.exporter.build import ExportOptions, export
 
-    cache = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(ExportOptions)}
+    checkpoints, cache = {}, {}
 
-    def get(name: str):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            ckpt = root / "checkpoint"
-            ckpt.mkdir()
-            make_checkpoint(ckpt, name)
-            result = export(ExportOptions(model=str(ckpt), output=str(root / "artifact")))
-            cache[name] = (ckpt, result.output, result.manifest)
-        return cache[name]
+    def get(name: str, **options):
+        options = {k: v for k, v in options.items() if k not in defaults or v != defaults[k]}  # fuse=True: default
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            if name not in checkpoints:
+                checkpoints[name] = tmp_path_factory.mktemp(name) / "checkpoint"
+                checkpoints[name].mkdir()
+                make_checkpoint(checkpoints[name], name)
+            ckpt = checkpoints[name]
+            label = "-".join(f"{k}={v}" for k, v in key[1])
+            output = tmp_path_factory.mktemp(f"{name}-{label}" if label else name) / "artifact"
+            result = export(ExportOptions(model=str(ckpt), output=str(output), **options))
+            cache[key] = (ckpt, result.output, result.manifest)
+        return cache[key]
 
     return get
 

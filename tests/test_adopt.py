@@ -35,7 +35,7 @@ def optimum_dir(tiny_export, tmp_path_factory):
     """(checkpoint, an Optimum-shaped dir from our unfused export, our fused artifact of the same checkpoint)."""
     ckpt, fused, _ = tiny_export("gpt2")
     root = tmp_path_factory.mktemp("adopt")
-    plain = export(ExportOptions(model=str(ckpt), output=str(root / "plain"), fuse=False, validate=False)).output
+    _, plain, _ = tiny_export("gpt2", fuse=False)  # the session's, also in tests/test_export_precision.py's matrix
     source = root / "optimum"
     source.mkdir()
     for name in OPTIMUM_FILES:

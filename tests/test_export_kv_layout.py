@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from gptexport import runtime
 from gptexport.exporter.artifact import convert_to_shared_buffer, open_session
-from gptexport.exporter.build import ExportOptions, export
+from gptexport.exporter.build import ExportOptions, ExportResult, export
 from gptexport.exporter.presets import ExportError
 from gptexport.exporter.validate import logits_check
 from gptexport.graphs import shared_kv
@@ -29,15 +29,14 @@ DEFAULT_INPUTS = ["input_ids", "attention_mask", "position_ids", "past_key_value
 
 
 @pytest.fixture(scope="module")
-def shared_export(tiny_export, tmp_path_factory):
+def shared_export(tiny_export):
     """name -> (checkpoint dir, ExportResult of --kv-layout shared_buffer, fp32, validated)."""
     made = {}
 
     def get(name):
         if name not in made:
-            ckpt, _, _ = tiny_export(name)
-            out = tmp_path_factory.mktemp(f"{name}-kv") / "artifact"
-            made[name] = (ckpt, export(ExportOptions(model=str(ckpt), output=str(out), kv_layout="shared_buffer")))
+            ckpt, out, manifest = tiny_export(name, kv_layout="shared_buffer")  # the session's (tests/conftest.py)
+            made[name] = (ckpt, ExportResult(out, manifest))
         return made[name]
 
     return get

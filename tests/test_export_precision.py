@@ -15,7 +15,6 @@ import onnx
 import pytest
 
 from gptexport import runtime
-from gptexport.exporter.build import ExportOptions, export
 from gptexport.graphs.pipeline import expected_counts
 from gptexport.graphs.precision import LOGITS_ATOL, MIN_GREEDY_AGREEMENT
 
@@ -26,23 +25,11 @@ PRECISION_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits"}
 FUSED_OPS = {"MultiHeadAttention", "SkipLayerNormalization", "FastGelu"}
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    from tiny_models import make_checkpoint
-
-    dirs = {}
-    for name in ARCHS:
-        d = tmp_path_factory.mktemp(f"ckpt-{name}")
-        make_checkpoint(d, name)
-        dirs[name] = d
-    return dirs
-
-
 @pytest.mark.parametrize("name,dtype,fuse", list(itertools.product(ARCHS, DTYPES, [True, False])))
-def test_precision_and_fusion_matrix(checkpoints, tmp_path, name, dtype, fuse):
-    out = tmp_path / "artifact"
-    result = export(ExportOptions(model=str(checkpoints[name]), output=str(out), dtype=dtype, fuse=fuse))
-    m = result.manifest
+def test_precision_and_fusion_matrix(tiny_export, name, dtype, fuse):
+    # the session's exports (tests/conftest.py): float32 fused is the default export other files use too, float32
+    # unfused the one tests/test_adopt.py reads
+    _, out, m = tiny_export(name, dtype=dtype, fuse=fuse)
     v = m["validation"]
     assert v["passed"], v
     assert v["logits_max_abs_diff"] <= LOGITS_ATOL[dtype], (

@@ -65,12 +65,9 @@ def test_trained_fp32_equals_transformers(trained_export, hf_model):
     assert got.kl["mean"] == 0.0 and got.kl["top1_agreement"] == 1.0
 
 
-def test_shared_buffer_scores_like_concat(tiny_export, tmp_path):
-    from gptexport.exporter.build import ExportOptions, export
-
+def test_shared_buffer_scores_like_concat(tiny_export):
     ckpt, artifact, _ = tiny_export("gpt2")
-    shared = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "shared"), kv_layout="shared_buffer",
-                                  validate=False)).output
+    _, shared, _ = tiny_export("gpt2", kv_layout="shared_buffer")  # the session's (tests/test_export_kv_layout.py)
     text = _text(ckpt)[:600]
     a = perplexity(runtime.load(artifact), text, window=48, stride=16)
     b = perplexity(runtime.load(shared), text, window=48, stride=16, reference=runtime.load(artifact))
