@@ -11,6 +11,8 @@ position_ids: it gets 0..seq-1, what ours computes from the mask). Engines:
 
     ours          gptexport artifact, fp32 (fused), runtime.heads session
     ours-int8     gptexport --int8 (MatMulNBits 8-bit, block 32)
+    ours-int8-dynamic  gptexport --int8 --int8-kernel dynamic (DynamicQuantizeMatMul: activations per tensor, as
+                  Optimum's dynamic int8; weights per column)
     torch         transformers' class, eager, torch.no_grad, the same thread count
     optimum       optimum-cli export onnx --task feature-extraction|text-classification, ORTModelFor... (its venv)
     optimum-int8  the same graph through optimum-cli onnxruntime quantize --avx2 (dynamic int8, per channel)
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"feature-extraction": ("GPT2Model", "ORTModelForFeatureExtraction", "embeddings/s"),
          "text-classification": ("GPT2ForSequenceClassification", "ORTModelForSequenceClassification",
                                  "classifications/s")}
-ENGINES = ("ours", "ours-int8", "torch", "optimum", "optimum-int8")
+ENGINES = ("ours", "ours-int8", "ours-int8-dynamic", "torch", "optimum", "optimum-int8")
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257, bos_token_id=50256,
                  eos_token_id=50256, pad_token_id=50256, num_labels=2)
 DEFAULT_VENV = Path("/work/cache/optimum-venv")
@@ -74,6 +76,7 @@ def run(args, **kwargs) -> subprocess.CompletedProcess:
 def paths(work: Path, task: str) -> dict:
     short = {"feature-extraction": "fe", "text-classification": "tc"}[task]
     return {"ckpt": work / f"ckpt-{short}", "ours": work / f"ours-{short}-fp32", "ours-int8": work / f"ours-{short}-int8",
+            "ours-int8-dynamic": work / f"ours-{short}-int8-dynamic",
             "optimum": work / f"optimum-{short}", "optimum-int8": work / f"optimum-{short}-int8"}
 
 
@@ -90,7 +93,8 @@ def prepare(work: Path, venv: Path) -> None:
             torch.manual_seed(0)
             getattr(transformers, cls)(transformers.GPT2Config(**GPT2_124M)).save_pretrained(str(p["ckpt"]))
             gpt2_tokenizer(50257).save(str(p["ckpt"] / "tokenizer.json"))
-        for engine, flags in (("ours", []), ("ours-int8", ["--int8"])):
+        for engine, flags in (("ours", []), ("ours-int8", ["--int8"]),
+                              ("ours-int8-dynamic", ["--int8", "--int8-kernel", "dynamic"])):
             if not (p[engine] / "manifest.json").exists():
                 print(f"gptexport {p['ckpt'].name} {' '.join(flags)} ...", flush=True)
                 run([sys.executable, "-m", "gptexport.exporter.cli", p["ckpt"], "-o", p[engine], "--force", *flags])
@@ -159,12 +163,13 @@ def table(work: Path, batches, seq: int, threads: int, seconds: float, venv: Pat
             rows.append((task, unit, batch, figures, peers))
     names = list(engines)
     print(f"seq {seq}, {threads} threads, {seconds:g} s per figure, each engine in a fresh process")
-    print(f"| task | batch | {' | '.join(names)} | ours / fastest peer | ours-int8 / fastest peer |")
-    print("|" + "---|" * (len(names) + 4))
+    ours = [e for e in names if e.startswith("ours")]
+    print(f"| task | batch | {' | '.join(names)} | {' | '.join(f'{e} / fastest peer' for e in ours)} |")
+    print("|" + "---|" * (len(names) + len(ours) + 2))
     for task, unit, batch, figures, peers in rows:
         cells = " | ".join(f"{figures[e]:.1f}" for e in names)
-        print(f"| {task} ({unit}) | {batch} | {cells} | {figures.get('ours', 0) / peers:.2f}x | "
-              f"{figures.get('ours-int8', 0) / peers:.2f}x |")
+        ratios = " | ".join(f"{figures[e] / peers:.2f}x" for e in ours)
+        print(f"| {task} ({unit}) | {batch} | {cells} | {ratios} |")
 
 
 def main() -> None:
