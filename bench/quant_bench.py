@@ -115,6 +115,20 @@ def _size(artifact: Path) -> float:
     return sum(p.stat().st_size for p in artifact.iterdir() if p.name.startswith("model.onnx")) / 1e6
 
 
+def _default_rows(rows: dict, fp32: Path, work: Path, block: int, importance, hessians) -> None:
+    """The rows a block-size default is judged on: the export's int4/int8 defaults and the stock quantizer."""
+    rows[f"int4 ours gptq b{block}"] = _ours(fp32, work / f"int4-gptq-b{block}", 4, block, "gptq", importance,
+                                             ("lm_head",), hessians=hessians)
+    rows[f"int4 ours gptq lm_head fp32 b{block}"] = _ours(fp32, work / f"int4-gptq-lmf-b{block}", 4, block, "gptq",
+                                                          importance, (), hessians=hessians, keep_float=("lm_head",))
+    rows[f"int4 ours gptq all 4-bit b{block}"] = _ours(fp32, work / f"int4-gptq-all4-b{block}", 4, block, "gptq",
+                                                       importance, (), hessians=hessians)
+    rows[f"int4 ort-rtn b{block}"] = _ort(fp32, work / f"int4-ort-b{block}", 4, block)
+    rows[f"int8 ours gptq b{block}"] = _ours(fp32, work / f"int8-gptq-b{block}", 8, block, "gptq", importance, (),
+                                             hessians=hessians)
+    rows[f"int8 ort-rtn b{block}"] = _ort(fp32, work / f"int8-ort-b{block}", 8, block)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2-bench", help="a tests/trained.py preset (trained when missing)")
@@ -127,8 +141,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="quality only (speed: whole-process A/B pairs)")
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--rows", default="all", help="'all', or 'int4': the int4 rows and the peers they are judged "
-                                                      "against only")
+    parser.add_argument("--rows", default="all", choices=["all", "int4", "default"],
+                        help="'all'; 'int4': the int4 rows and the peers they are judged against only; 'default': the "
+                             "export's defaults (int4 and int8 GPTQ), their equal-size variants and the stock rows")
     args = parser.parse_args()
 
     from gptexport.exporter.calibrate import activation_statistics, calibration_tokens
@@ -157,6 +172,9 @@ def main() -> None:
 
     lm8, lm_float = ("lm_head",), ("lm_head",)
     for block in args.blocks:
+        if args.rows == "default":
+            _default_rows(rows, fp32, work, block, importance["self"], hessians["self"])
+            continue
         rows[f"int4 ours gptq b{block}"] = _ours(fp32, work / f"int4-gptq-b{block}", 4, block, "gptq",
                                                  importance["self"], lm8, hessians=hessians["self"])
         rows[f"int4 ours gptq calib.txt b{block}"] = _ours(fp32, work / f"int4-gptq-file-b{block}", 4, block, "gptq",
@@ -185,7 +203,7 @@ def main() -> None:
                                                          None, ("lm_head",))
         rows[f"int8 ours gptq b{block}"] = _ours(fp32, work / f"int8-gptq-b{block}", 8, block, "gptq",
                                                  importance["self"], (), hessians=hessians["self"])
-    if args.rows != "int4":
+    if args.rows == "all":
         rows["int8 dynamic (earlier int8)"] = _ours(fp32, work / "int8-dynamic", 8, 32, "rtn", None, (),
                                                     "dynamic")
 
