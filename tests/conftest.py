@@ -104,3 +104,22 @@ def head_export(tmp_path_factory):
         return cache[(arch, task, dtype)]
 
     return get
+
+
+# Test files that must share a pytest-xdist worker (.ci/run: `-n 2 --dist loadgroup`); every other file is a group
+# of its own, so a file's module fixtures (servers, exports) are made once, as in one process.
+XDIST_GROUPS = {
+    "packaging": "packaging",  # both build the checkout in place (build/, gptexport.egg-info): never at once
+    "test_heads.py": "heads", "test_serve_heads.py": "heads",  # one set of head_export artifacts
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs on one worker (--dist loadgroup)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = XDIST_GROUPS.get(item.path.name) or XDIST_GROUPS.get(item.path.parent.name) or item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
