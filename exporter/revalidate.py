@@ -13,13 +13,11 @@ in-memory random weights come from torch's init and streamed ones from numpy: th
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import tempfile
 from pathlib import Path
 
 from gptexport.runtime.errors import ArtifactError
-from gptexport.runtime.manifest import MANIFEST_NAME, manifest_digest, read_manifest
+from gptexport.runtime.manifest import MANIFEST_NAME, manifest_digest, read_manifest, replace_manifest_file
 
 from .build import ExportOptions, ExportResult, failed_checks
 from .passes import KEEP_8BIT, METHOD_TEXT
@@ -154,17 +152,7 @@ def replace_manifest(directory: Path, manifest: dict, expected_digest: str) -> N
     manifest on disk is no longer the one validated (another writer in between)."""
     if manifest_digest(directory) != expected_digest:
         raise ExportError(f"{directory}/{MANIFEST_NAME} changed while it was validated; nothing was written")
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_manifest_file(directory, manifest)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

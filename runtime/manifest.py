@@ -100,18 +100,24 @@ def write_manifest(directory, manifest: dict) -> dict:
     full = dict(manifest)
     full.setdefault("format_version", FORMAT_VERSION)
     full["files"] = checksum_files(directory)
+    replace_manifest_file(directory, full)
+    return full
+
+
+def replace_manifest_file(directory: Path, manifest: dict) -> None:
+    """Write `manifest` as directory/manifest.json atomically: a temp file in the same directory, fsync, rename
+    (a reader sees the old manifest or the new one, never part of one; a failure leaves the old one)."""
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(full, f, indent=2, sort_keys=False)
+            json.dump(manifest, f, indent=2, sort_keys=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST_NAME)
+        os.replace(tmp, Path(directory) / MANIFEST_NAME)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return full
 
 
 def read_manifest(directory, verify: str = "auto", manifest: dict | None = None) -> dict:
