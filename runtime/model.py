@@ -647,7 +647,7 @@ def load(artifact_dir, provider: str = "cpu", verify: str = "auto", manifest: di
         refuse_task(manifest, directory, "text-generation")
     if provider == "cuda":  # a node with no CUDA kernel would run on the CPU, copying its tensors every step
         check_cuda_placement(manifest, directory)
-    create = create_session if spin_threads else functools.partial(create_session, spin_threads=False)
+    create = functools.partial(create_session, spin_threads=spin_threads)
     tokenizer, session = open_artifact_files(directory, manifest, verify, provider, threads, create)
     return Model(manifest, tokenizer, Decoder(session, provider, manifest), manifest_sha256=digest)
 
