@@ -72,8 +72,8 @@ def ort_profile(artifact: Path, threads, texts: list, new: int) -> list:
     original = session_mod.session_options
     out_dir = tempfile.mkdtemp(prefix="decode-profile-")
 
-    def profiling(threads=None):
-        options = original(threads)
+    def profiling(threads=None, spin_threads=True):
+        options = original(threads, spin_threads)
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(out_dir, "ort")
         return options

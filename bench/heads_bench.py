@@ -1,6 +1,6 @@
 """Embeddings/s and classifications/s (issue 14): gptexport's head artifacts against transformers and Optimum.
 
-    python bench/heads_bench.py prepare --work DIR       # checkpoints, our fp32/int8 exports, Optimum's exports
+    python bench/heads_bench.py prepare --work DIR [--engines ...]   # checkpoints, our exports, Optimum's exports
     python bench/heads_bench.py run --work DIR           # the table: each engine in a fresh process
     python bench/heads_bench.py one --work DIR --engine E --task T --batch B   # one figure as JSON (A/B pairs)
 
@@ -10,7 +10,11 @@ rows of `--seq` (128) random token ids, no padding, the same in every engine (Op
 position_ids: it gets 0..seq-1, what ours computes from the mask). Engines:
 
     ours          gptexport artifact, fp32 (fused), runtime.heads session
-    ours-int8     gptexport --int8 (MatMulNBits 8-bit, block 32)
+    ours-int8     gptexport --int8 (the default int8 kernel)
+    ours-int8-nbits    gptexport --int8 --int8-kernel nbits (MatMulNBits 8-bit, block 32, activations per token and
+                  block inside the kernel)
+    ours-int8-token    gptexport --int8 --int8-kernel token (MatMulIntegerToFloat, activations per token quantized
+                  in the graph, weights per column: batch-invariant)
     ours-int8-dynamic  gptexport --int8 --int8-kernel dynamic (DynamicQuantizeMatMul: activations per tensor, as
                   Optimum's dynamic int8; weights per column)
     torch         transformers' class, eager, torch.no_grad, the same thread count
@@ -36,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"feature-extraction": ("GPT2Model", "ORTModelForFeatureExtraction", "embeddings/s"),
          "text-classification": ("GPT2ForSequenceClassification", "ORTModelForSequenceClassification",
                                  "classifications/s")}
-ENGINES = ("ours", "ours-int8", "ours-int8-dynamic", "torch", "optimum", "optimum-int8")
+ENGINES = ("ours", "ours-int8", "ours-int8-nbits", "ours-int8-token", "ours-int8-dynamic", "torch", "optimum",
+           "optimum-int8")
+INT8_KERNELS = ("nbits", "token", "dynamic")  # gptexport --int8-kernel: the ours-int8-KERNEL engines
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257, bos_token_id=50256,
                  eos_token_id=50256, pad_token_id=50256, num_labels=2)
 DEFAULT_VENV = Path("/work/cache/optimum-venv")
@@ -76,11 +82,11 @@ def run(args, **kwargs) -> subprocess.CompletedProcess:
 def paths(work: Path, task: str) -> dict:
     short = {"feature-extraction": "fe", "text-classification": "tc"}[task]
     return {"ckpt": work / f"ckpt-{short}", "ours": work / f"ours-{short}-fp32", "ours-int8": work / f"ours-{short}-int8",
-            "ours-int8-dynamic": work / f"ours-{short}-int8-dynamic",
+            **{f"ours-int8-{k}": work / f"ours-{short}-int8-{k}" for k in INT8_KERNELS},
             "optimum": work / f"optimum-{short}", "optimum-int8": work / f"optimum-{short}-int8"}
 
 
-def prepare(work: Path, venv: Path) -> None:
+def prepare(work: Path, venv: Path, engines=ENGINES) -> None:
     import torch
     import transformers
 
@@ -93,9 +99,9 @@ def prepare(work: Path, venv: Path) -> None:
             torch.manual_seed(0)
             getattr(transformers, cls)(transformers.GPT2Config(**GPT2_124M)).save_pretrained(str(p["ckpt"]))
             gpt2_tokenizer(50257).save(str(p["ckpt"] / "tokenizer.json"))
-        for engine, flags in (("ours", []), ("ours-int8", ["--int8"]),
-                              ("ours-int8-dynamic", ["--int8", "--int8-kernel", "dynamic"])):
-            if not (p[engine] / "manifest.json").exists():
+        kernels = [(f"ours-int8-{k}", ["--int8", "--int8-kernel", k]) for k in INT8_KERNELS]
+        for engine, flags in [("ours", []), ("ours-int8", ["--int8"]), *kernels]:
+            if engine in engines and not (p[engine] / "manifest.json").exists():
                 print(f"gptexport {p['ckpt'].name} {' '.join(flags)} ...", flush=True)
                 run([sys.executable, "-m", "gptexport.exporter.cli", p["ckpt"], "-o", p[engine], "--force", *flags])
         if not (p["optimum"] / "model.onnx").exists():
@@ -188,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.command == "prepare":
-        prepare(args.work, args.venv)
+        prepare(args.work, args.venv, args.engines)
     elif args.command == "one":
         print(json.dumps(one(args.work, args.engine, args.task, args.batch, args.seq, args.threads, args.seconds,
                              args.venv)))

@@ -129,6 +129,20 @@ def _default_rows(rows: dict, fp32: Path, work: Path, block: int, importance, he
     rows[f"int8 ort-rtn b{block}"] = _ort(fp32, work / f"int8-ort-b{block}", 8, block)
 
 
+def _int8_rows(fp32: Path, work: Path, block: int, importance, hessians) -> dict:
+    """The int8 kernels on the same calibration: MatMulNBits (per token and block of K), token (MatMulIntegerToFloat,
+    activations per token, weights per column) and dynamic (DynamicQuantizeMatMul, activations per tensor)."""
+    rows = {f"int8 nbits gptq b{block}": _ours(fp32, work / f"int8-gptq-b{block}", 8, block, "gptq", importance, (),
+                                               hessians=hessians)}
+    for method in ("gptq", "search", "rtn"):
+        rows[f"int8 token {method}"] = _ours(fp32, work / f"int8-token-{method}", 8, block, method, importance, (),
+                                             "token", hessians=hessians if method == "gptq" else None)
+    rows["int8 token gptq lm_head fp32"] = _ours(fp32, work / "int8-token-gptq-lmf", 8, block, "gptq", importance, (),
+                                                 "token", hessians=hessians, keep_float=("lm_head",))
+    rows["int8 dynamic"] = _ours(fp32, work / "int8-dynamic", 8, 32, "rtn", None, (), "dynamic")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2-bench", help="a tests/trained.py preset (trained when missing)")
@@ -141,9 +155,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="quality only (speed: whole-process A/B pairs)")
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--rows", default="all", choices=["all", "int4", "default"],
+    parser.add_argument("--rows", default="all", choices=["all", "int4", "default", "int8"],
                         help="'all'; 'int4': the int4 rows and the peers they are judged against only; 'default': the "
-                             "export's defaults (int4 and int8 GPTQ), their equal-size variants and the stock rows")
+                             "export's defaults (int4 and int8 GPTQ), their equal-size variants and the stock rows; "
+                             "'int8': the int8 kernels side by side (nbits, token, dynamic) at --blocks' first size")
     args = parser.parse_args()
 
     from gptexport.exporter.calibrate import activation_statistics, calibration_tokens
@@ -171,7 +186,9 @@ def main() -> None:
         print(f"calibration {source}: {record}", flush=True)
 
     lm8, lm_float = ("lm_head",), ("lm_head",)
-    for block in args.blocks:
+    if args.rows == "int8":
+        rows.update(_int8_rows(fp32, work, args.blocks[0], importance["self"], hessians["self"]))
+    for block in args.blocks if args.rows != "int8" else ():
         if args.rows == "default":
             _default_rows(rows, fp32, work, block, importance["self"], hessians["self"])
             continue

@@ -2,7 +2,9 @@
 
     python bench/runtime_bench.py [--workdir /tmp/runtime-bench] [--only ours-fp32,ct2-int8,...] [--repeats 3]
 
-Engines: our runtime (fp32, fp16, int8, int4 artifacts), transformers `generate` (torch eager, sdpa),
+Engines: our runtime (fp32, fp16, int8, int4 artifacts; ours-int8-nbits, ours-int8-token and ours-int8-dynamic,
+each with its -inplace twin, name one int8 kernel and run when --only lists them), transformers `generate` (torch
+eager, sdpa),
 CTranslate2 (fp32 and int8, converted from the same checkpoint), llama.cpp (F32, Q8_0 and Q4_0 GGUF files made by
 its convert_hf_to_gguf.py and llama-quantize from the same checkpoint; `--llama-dir` / LLAMA_CPP_DIR, see
 bench/llama_cpp.py) and Optimum's ORTModelForCausalLM (in its own virtual environment, `--optimum-python`, since
@@ -44,7 +46,9 @@ import llama_cpp  # noqa: E402 - bench/llama_cpp.py, next to this script
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = {"b1": (1, 32, 128), "b8": (8, 32, 64), "prefill": (1, 512, 1)}  # batch, prompt tokens, new tokens
-OURS = {"fp32": "", "fp16": "--fp16", "int8": "--int8", "int4": "--int4"}
+# our rows: int8 is the export's default kernel; int8-nbits / int8-token / int8-dynamic name one (--int8-kernel)
+OURS = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"], "int4": ["--int4"],
+        **{f"int8-{k}": ["--int8", "--int8-kernel", k] for k in ("nbits", "token", "dynamic")}}
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
         "salt, grain and cloth. Over the centuries the market grew into a town, and the town into a port whose "
         "ships reached every coast of the sea. ") * 40
@@ -244,13 +248,12 @@ def _prepare(work: Path, optimum_python: str | None, engines: list, llama) -> di
     for precision, flag in OURS.items():
         art = work / f"ours-{precision}"
         if f"ours-{precision}" in engines and not (art / "manifest.json").exists():
-            _run(["gptexport", "gpt2", "--random-weights", "-o", art, "--force"] + ([flag] if flag else []),
-                 f"export {precision}")
+            _run(["gptexport", "gpt2", "--random-weights", "-o", art, "--force", *flag], f"export {precision}")
         table[f"ours-{precision}"] = ("ours", art, "", _step_bytes(art))
         inplace = work / f"ours-{precision}-inplace"  # --kv-layout shared_buffer: the in-place KV cache graph
         if f"ours-{precision}-inplace" in engines and not (inplace / "manifest.json").exists():
-            _run(["gptexport", "gpt2", "--random-weights", "-o", inplace, "--force", "--kv-layout", "shared_buffer"]
-                 + ([flag] if flag else []), f"export {precision} shared_buffer")
+            _run(["gptexport", "gpt2", "--random-weights", "-o", inplace, "--force", "--kv-layout", "shared_buffer",
+                  *flag], f"export {precision} shared_buffer")
         table[f"ours-{precision}-inplace"] = ("ours", inplace, "", _step_bytes(inplace))
     for quant in ("float32", "int8"):
         out = work / f"ct2-{quant}"
@@ -443,6 +446,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(engines)}")
         engines = [e for e in engines if e in wanted]
+    else:  # the per-kernel int8 rows (ours-int8-token, ...) run when --only names them
+        engines = [e for e in engines if not e.startswith("ours-int8-")]
     try:
         llama = llama_cpp.locate(args.llama_dir, args.llama_bin)
         for name in ("llama-bench", "llama-batched-bench"):

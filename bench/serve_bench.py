@@ -1,7 +1,8 @@
 """`gptrun serve` under concurrent streaming clients, against one-at-a-time serving and llama.cpp's llama-server.
 
-Starts each server on GPT-2 124M (random weights; fp32, int8 and int4; int8-dynamic: the same 8 bits on
-onnxruntime's DynamicQuantizeMatMul, `gptexport --int8 --int8-kernel dynamic`), drives it over 127.0.0.1 with httpx
+Starts each server on GPT-2 124M (random weights; fp32, int8 and int4; int8-nbits, int8-token and int8-dynamic:
+the same 8 bits through one int8 kernel each, `gptexport --int8 --int8-kernel nbits|token|dynamic`, where int8 is
+the export's default kernel), drives it over 127.0.0.1 with httpx
 at 1, 4, 16 and 64 concurrent streaming clients (a bounded number of requests each: a 32-token prompt given as
 token ids, 32 generated tokens), and prints one table: aggregate generated tok/s, p50/p95 time to first token,
 p50/p95 inter-token latency, requests refused with 429 and how fast; then, per precision, issue 12's targets at
@@ -10,13 +11,14 @@ p50/p95 inter-token latency, requests refused with 429 and how fast; then, per p
   gptexport      --max-batch 16 --max-queue 32 (continuous batching; at 64 clients the excess gets 429)
   one-at-a-time  --max-batch 1 --max-queue 64 (batching off: the same server, one sequence at a time)
   llama-server   -np 16 (continuous batching) on a GGUF conversion of the same checkpoint at the same precision
-                 (f32 / q8_0 / q4_0: bench/llama_cpp.py; int8-dynamic has no row of its own: its peer is int8's)
+                 (f32 / q8_0 / q4_0: bench/llama_cpp.py; the int8-KERNEL rows have none of their own: their
+                 peer is int8's)
 
-The full table (every row above at 1/4/16/64 clients; fp32, int8 and int8-dynamic), one command:
+The full table (every row above at 1/4/16/64 clients; fp32 and the three int8 kernels), one command:
 
     LD_LIBRARY_PATH=/work/cache/llama.cpp/build-noamx/bin \
     LLAMA_CPP_DIR=/work/cache/llama.cpp/llama_cpp_python-0.3.36/vendor/llama.cpp \
-    python bench/serve_bench.py --work /tmp/speed/serve-work --precisions fp32 int8 int8-dynamic
+    python bench/serve_bench.py --work /tmp/speed/serve-work --precisions fp32 int8-nbits int8-token int8-dynamic
 
     python bench/serve_bench.py [--work DIR] [--llama-dir DIR] [--llama-bin DIR] [--precisions fp32 int8 int4]
                                 [--clients 1 4 16 64] [--new-tokens 32] [--requests-per-client N]
@@ -56,6 +58,7 @@ import llama_cpp  # noqa: E402 - bench/llama_cpp.py, next to this script
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32  # --new-tokens
+INT8_KERNELS = ("nbits", "token", "dynamic")  # gptexport --int8-kernel: the int8-KERNEL rows
 
 
 def percentile(values: list, q: float) -> float:
@@ -91,8 +94,8 @@ def checkpoint(work: Path) -> Path:
 def artifact(work: Path, ckpt: Path, precision: str) -> Path:
     out = work / f"gpt2-{precision}-inplace"
     if not (out / "manifest.json").exists():
-        flags = {"fp32": [], "int8": ["--int8"], "int8-dynamic": ["--int8", "--int8-kernel", "dynamic"],
-                 "int4": ["--int4"]}[precision]
+        flags = {"fp32": [], "int8": ["--int8"], "int4": ["--int4"],
+                 **{f"int8-{k}": ["--int8", "--int8-kernel", k] for k in INT8_KERNELS}}[precision]
         subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(ckpt), "-o", str(out), "--force",
                         "--kv-layout", "shared_buffer", *flags], check=True)
     return out
@@ -222,7 +225,7 @@ def main() -> None:
     parser.add_argument("--llama-bin", default=None,
                         help="llama.cpp binaries (default: $LLAMA_CPP_BIN, else LLAMA_DIR/build/bin)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"],
-                        choices=["fp32", "int8", "int8-dynamic", "int4"])
+                        choices=["fp32", "int8", *(f"int8-{k}" for k in INT8_KERNELS), "int4"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", default=["gptexport", "one-at-a-time", "llama-server"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -253,7 +256,7 @@ def main() -> None:
                     served = gptexport_server(art, 16, 32, args.threads)
                 elif name == "one-at-a-time":
                     served = gptexport_server(art, 1, 64, args.threads)
-                elif precision == "int8-dynamic":  # the same GGUF as int8: its rows are the peer
+                elif precision.startswith("int8-"):  # the same GGUF as int8: its rows are the peer
                     continue
                 else:
                     source, binaries = llama_cpp.locate(args.llama_dir, args.llama_bin)
@@ -294,7 +297,7 @@ def targets(results: dict, precisions: list, clients: int = 16) -> list:
         if ours is None:
             continue
         alone = results.get(("one-at-a-time", precision, clients))
-        peer = results.get(("llama-server", "int8" if precision == "int8-dynamic" else precision, clients))
+        peer = results.get(("llama-server", "int8" if precision.startswith("int8-") else precision, clients))
         single = results.get(("gptexport", precision, 1))
         many = results.get(("gptexport", precision, 64))
         ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731

@@ -140,7 +140,7 @@ def quant_settings(loaded, opts) -> dict:
 
     quant = {"block_size": opts.block_size, "method": opts.quant_method, "kernel": opts.int8_kernel,
              "keep_8bit": KEEP_8BIT + tuple(opts.keep_8bit)}
-    calibrated = opts.dtype == "int4" or (opts.dtype == "int8" and opts.int8_kernel == "nbits")
+    calibrated = opts.dtype == "int4" or (opts.dtype == "int8" and opts.int8_kernel != "dynamic")
     if not calibrated or opts.quant_method not in ("search", "gptq"):
         return quant
     from .calibrate import activation_statistics, calibration_tokens

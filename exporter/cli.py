@@ -153,9 +153,11 @@ def _version() -> str:
 @click.option("--keep-8bit", multiple=True, metavar="PATTERN",
               help="int4: also keep MatMuls whose weight name matches PATTERN (fnmatch, e.g. '*h.0.mlp.*') at 8 "
                    "bits; the lm_head always is (repeatable).")
-@click.option("--int8-kernel", type=click.Choice(["nbits", "dynamic"]), default="nbits", show_default=True,
-              help="int8: MatMulNBits (activations per token and block) or the older DynamicQuantizeMatMul "
-                   "(activations per tensor).")
+@click.option("--int8-kernel", type=click.Choice(["nbits", "token", "dynamic"]), default="nbits", show_default=True,
+              help="int8: nbits: MatMulNBits (activations per token and block of K, weights per block); token: "
+                   "MatMulIntegerToFloat with activations quantized per token in the graph (weights per column; "
+                   "fast when several rows go through at once); dynamic: the older DynamicQuantizeMatMul "
+                   "(activations per tensor: a row's output depends on its batch-mates).")
 @click.option("--validation-text", multiple=True, type=click.Path(dir_okay=False),
               help="A UTF-8 text file the validation scores (repeatable; its first 1024 tokens). Default: the fp32 "
                    "model's own seeded samples.")

@@ -13,7 +13,7 @@ BLOCK_SIZES = (32, 64, 128)
 INT4_BLOCK_SIZE = 32
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU (activations int8 per token/block)
 QUANT_METHODS = ("gptq", "search", "rtn")
-INT8_KERNELS = ("nbits", "dynamic")
+INT8_KERNELS = ("nbits", "token", "dynamic")
 # the manifest's words for each method (`gptexport validate` reads them back)
 METHOD_TEXT = {"search": "error-minimising scale search weighted by calibration activations",
                "gptq": "GPTQ: rounding error compensated through each MatMul's calibration Hessian, block scales by "
@@ -77,10 +77,13 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
         section["counts"]["int8_matmuls"] = quantize_int8(
             ir_model, report=skipped, kernel=kernel, block_size=block, accuracy_level=INT4_ACCURACY_LEVEL,
             method=method, importance=importance, summary=summary, hessians=hessians)
-        section["quantization"] = (
-            {"kernel": "DynamicQuantizeMatMul", "weights": "symmetric int8 per output column",
-             "activations": "uint8 per tensor, per call"} if kernel == "dynamic" else
-            _nbits_record(8, block, method, quant, summary))
+        if kernel == "dynamic":
+            section["quantization"] = {"kernel": "DynamicQuantizeMatMul", "weights": "symmetric int8 per output column",
+                                       "activations": "uint8 per tensor, per call"}
+        elif kernel == "token":
+            section["quantization"] = _token_record(method, quant, summary)
+        else:
+            section["quantization"] = _nbits_record(8, block, method, quant, summary)
     elif dtype == "int4":
         keep = tuple(quant.get("keep_8bit", KEEP_8BIT))
         section["counts"]["int4_matmuls"] = quantize_int4(
@@ -92,6 +95,14 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
             "rule": list(keep), "explain": "lm_head: the MatMul computing the logits; other entries: fnmatch "
                                           "patterns over weight names"}
     section["skipped"] = skipped
+
+
+def _token_record(method: str, quant: dict, summary) -> dict:
+    return {"kernel": "MatMulIntegerToFloat", "bits": 8, "symmetric": True,
+            "weights": "symmetric int8, one scale per output column",
+            "activations": "uint8 per token (one scale per row, zero point 128), quantized in the graph; int32 sums",
+            "batch_invariant": True, "method": METHOD_TEXT[method],
+            "calibration": quant.get("calibration", {"source": "none"}), **summary.record()}
 
 
 def _nbits_record(bits: int, block: int, method: str, quant: dict, summary) -> dict:

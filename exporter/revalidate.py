@@ -73,6 +73,8 @@ def options_of(manifest: dict, validation_text=(), calibration=()) -> ExportOpti
                          validation_text=list(validation_text) or None, calibration=tuple(calibration))
     if quant.get("kernel") == "DynamicQuantizeMatMul":
         opts.int8_kernel = "dynamic"
+    if quant.get("kernel") == "MatMulIntegerToFloat":
+        opts.int8_kernel, opts.quant_method = "token", methods.get(quant.get("method"), "search")
     if quant.get("kernel") == "MatMulNBits":
         opts.block_size, opts.quant_method = quant["block_size"], methods.get(quant.get("method"), "search")
         rule = (quant.get("rule_8bit") or {}).get("rule", KEEP_8BIT)

@@ -59,3 +59,54 @@ def test_precision_and_fusion_matrix(tiny_export, name, dtype, fuse):
     # The artifact runs through the runtime and yields text.
     model = runtime.load(str(out))
     assert model.generate(["Hello", "Once upon a time"], max_new_tokens=4, min_new_tokens=4)
+
+
+# ---- the int8 kernels ---------------------------------------------------------------------------------------------
+
+INT8_KERNEL_OP = {"nbits": "MatMulNBits", "token": "MatMulIntegerToFloat", "dynamic": "DynamicQuantizeMatMul"}
+INT8_KERNEL_RECORD = {"nbits": "MatMulNBits", "token": "MatMulIntegerToFloat", "dynamic": "DynamicQuantizeMatMul"}
+
+
+def _logits(session, facts: dict, ids: np.ndarray) -> np.ndarray:
+    """One prefill of equal-length rows (no padding) with an empty past: the logits (batch, seq, vocab)."""
+    from gptexport.exporter.trace import input_names
+
+    mask = np.ones_like(ids)
+    positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape)
+    past = [np.zeros((len(ids), facts["num_heads"], 0, facts["head_size"]), np.float32)
+            for _ in range(2 * facts["num_layers"])]
+    return session.run(["logits"], dict(zip(input_names(facts["num_layers"]), [ids, mask, positions, *past])))[0]
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+@pytest.mark.parametrize("kernel", ["token", "dynamic"])
+def test_int8_kernel_exports_validate_and_say_which_kernel(tiny_export, name, kernel):
+    _, out, m = tiny_export(name, dtype="int8", int8_kernel=kernel)
+    assert m["validation"]["passed"], m["validation"]
+    assert m["validation"]["logits_max_abs_diff"] <= LOGITS_ATOL["int8"]
+    assert m["passes"]["quantization"]["kernel"] == INT8_KERNEL_RECORD[kernel]
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops[INT8_KERNEL_OP[kernel]] >= 2 * m["config"]["num_layers"] + 1, ops
+    assert ops["MatMulNBits"] == 0
+    if kernel == "token":
+        assert m["passes"]["quantization"]["batch_invariant"] is True
+
+
+@pytest.mark.parametrize("kernel,invariant", [("nbits", True), ("token", True), ("dynamic", False)])
+def test_int8_artifact_row_alone_equals_row_in_a_batch(tiny_export, kernel, invariant):
+    """A prompt's logits batched with other prompts against alone: bit-identical for the per-token kernels; the
+    per-tensor dynamic kernel moves them (the negative case)."""
+    import onnxruntime as ort
+
+    _, out, m = tiny_export("gpt2", dtype="int8", int8_kernel=kernel)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    vocab = m["config"]["vocab_size"]
+    ids = rng.integers(0, vocab, (3, 9)).astype(np.int64)
+    ids[2] = ids[2] % 7  # a row of other tokens: other activations, other per-tensor scales
+    together = _logits(session, m["config"], ids)
+    alone = np.stack([_logits(session, m["config"], ids[i:i + 1])[0] for i in range(3)])
+    if invariant:
+        np.testing.assert_array_equal(alone, together, err_msg=f"{kernel}: a row's logits moved with its batch")
+    else:
+        assert not np.array_equal(alone, together), f"{kernel}: expected batch-dependent logits"

@@ -17,9 +17,15 @@ and rewrite each as
         row (token) inside the kernel, and the CPU uses int8 dot products.
 
 `quantize_int8` emits bits=8, `quantize_int4` bits=4 with a recorded rule of MatMuls kept at 8 bits (by default
-the lm_head, the most sensitive one: its error reaches the logits directly). The older int8 form,
-DynamicQuantizeMatMul (activations quantized per tensor, weights per column), stays available as
-`quantize_int8(..., kernel="dynamic")` for comparison.
+the lm_head, the most sensitive one: its error reaches the logits directly). Two other int8 forms:
+
+    kernel="token"    activations quantized per token (row) in the graph, uint8 with zero point 128; weights int8
+                      with one scale per output column (the same round to nearest / search / GPTQ, one block of K);
+                      com.microsoft MatMulIntegerToFloat (onnxruntime's integer GEMM, int32 sums). Batch-invariant
+                      like MatMulNBits, and 2-4x faster than it wherever several rows go through a MatMul at once
+                      (MatMulNBits' 8-bit path is slow at M > 1; BENCHMARKS.md). See _token_nodes.
+    kernel="dynamic"  DynamicQuantizeMatMul (activations quantized per tensor, weights per column), the older form:
+                      fast, but one activation scale spans the batch, so a row's output depends on its batch-mates.
 
 Not quantized, with the reason recorded: MatMuls whose B is an activation (attention scores and context), weights
 that are not 2-D or not float32 (e.g. after fp16), Gemm with transA or alpha/beta != 1, and a K smaller than the
@@ -190,7 +196,7 @@ def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool, s
 
 # ---- the passes -------------------------------------------------------------------------------------------------
 
-KERNELS = ("nbits", "dynamic")
+KERNELS = ("nbits", "token", "dynamic")
 LM_HEAD = "lm_head"  # a keep_8bit rule entry: the MatMul that computes the logits
 # How the codes and scales of a weight are chosen: nbits.py's round to nearest and weighted scale search, and
 # GPTQ (gptq.py: error compensation with each MatMul's calibration Hessian; the search where a MatMul has none).
@@ -227,10 +233,12 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
         model: changed in place; float32 graph, unfused or fused.
         report: if given, filled with node name -> reason for every MatMul/Gemm not quantized.
         kernel: "nbits": MatMulNBits bits=8, symmetric blocks of `block_size` along K, activations quantized per
-            token and block (accuracy_level 4). "dynamic": DynamicQuantizeMatMul (activations per tensor, weights per
-            output column), the older form.
-        block_size, accuracy_level, method, importance, summary, hessians, keep_float: as quantize_int4 (nbits
-            kernel only).
+            token and block (accuracy_level 4). "token": MatMulIntegerToFloat, activations uint8 per token quantized
+            in the graph, weights int8 per output column (the graph's opset becomes 21). "dynamic":
+            DynamicQuantizeMatMul (activations per tensor, weights per output column), the older form.
+        block_size, accuracy_level: as quantize_int4 (nbits kernel only).
+        method, importance, summary, hessians, keep_float: as quantize_int4 (nbits and token kernels; the token
+            kernel's weights are one block of K per column).
     Returns:
         the number of MatMuls quantized.
     Raises:
@@ -238,9 +246,9 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
-    if kernel == "nbits":
+    if kernel in ("nbits", "token"):
         return _quantize_nbits(model, 8, block_size, accuracy_level, method, importance, (), report, summary,
-                               hessians, keep_float)
+                               hessians, keep_float, token=kernel == "token")
 
     def rewrite(site: WeightMatMul) -> ir.Node:
         k, n = site.shape
@@ -285,7 +293,7 @@ def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4
 
 
 def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance, keep_8bit, report, summary,
-                    hessians=None, keep_float=()) -> int:
+                    hessians=None, keep_float=(), token=False) -> int:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16 (16, 32, 64, 128, 256)")
     if method not in METHODS:
@@ -322,9 +330,15 @@ def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance,
         if hessian is not None:
             summary.gptq.append(site.node.name)
         how = "search" if method == "gptq" else method  # a MatMul without a Hessian: the weighted search
+        if token:
+            return lambda site: _token_nodes(model.graph, site, how, weights, hessian, quantized)
         return lambda site: _nbits_node(model.graph, site, b, block_size, accuracy_level, how, weights, hessian)
 
-    return _quantize(model, rewriter, report, min_k=lambda site: block_size)
+    quantized: dict = {}  # token kernel: activation -> its (codes, scales), shared by the MatMuls reading it
+    count = _quantize(model, rewriter, report, min_k=lambda site: 1 if token else block_size)
+    if token and count:
+        _require_opset(model, TOKEN_OPSET)
+    return count
 
 
 def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int, accuracy_level: int, method: str,
@@ -345,6 +359,103 @@ def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int,
              ir.AttrInt64("block_size", block_size), ir.AttrInt64("accuracy_level", accuracy_level)]
     return ir.Node(MS, "MatMulNBits", _trim(inputs), attrs,
                    name=f"{site.node.name or site.weight_name}/MatMulNBits")
+
+
+# ---- the token kernel --------------------------------------------------------------------------------------------
+
+TOKEN_OPSET = 21  # QuantizeLinear's block_size (one block of K per row: a scale per token) is opset 21
+# The smallest activation scale: a row of zeros quantizes to codes of zero instead of dividing by zero.
+TOKEN_MIN_SCALE = 1e-30
+# ONNX ops whose meaning changed between opsets 20 and 21 (the others only gained types): the token kernel raises a
+# graph's opset to 21 and refuses one that holds any of these.
+_CHANGED_IN_21 = ("GroupNormalization",)
+
+
+def _token_nodes(graph: ir.Graph, site: WeightMatMul, method: str, importance: np.ndarray | None,
+                 hessian: np.ndarray | None, quantized: dict) -> list[ir.Node]:
+    """x @ W + b with x quantized per token (row) and W per output column, integer accumulation in int32:
+
+        x (.., K) -- Abs -- ReduceMax(K, keepdims) -- Mul(1/127) -- Max(min) -- xs (.., 1)       [once per x]
+          |                                          Shape(xs) -- ConstantOfShape(128) -- zp      [once per x]
+          +-- QuantizeLinear(x, xs, zp; axis -1, block_size K) -- xq uint8 (.., K)            [once per x]
+        MatMulIntegerToFloat(xq, W int8 (K, N), xs, ws (N,), 128) -- Add(b) -- y (.., N)
+
+    Each row's codes, scale and int32 sums depend on that row alone, so its output is the same bits batched with
+    any other rows or alone. The bias is added after the kernel: MatMulIntegerToFloat scales its own bias by a
+    non-scalar A scale (onnxruntime 1.32 applies that scale to the whole output, bias included); onnxruntime's
+    optimizer folds the Add into the next SkipLayerNormalization or FastGelu. uint8 codes with zero point 128
+    rather than int8 ones: onnxruntime's x86 integer GEMM (MLAS, VNNI and AMX) has its fast kernels for
+    uint8 x int8; int8 x int8 measured 10-20x slower here."""
+    k, n = site.shape
+    name = site.node.name or site.weight_name
+    nodes = []
+    if site.x not in quantized:
+        nodes, quantized[site.x] = _token_quantize(graph, site.x, k, name.rsplit("/", 1)[0] + "/token_quant")
+    xq, xs = quantized[site.x]
+    if hessian is not None:
+        compute = lambda: _codes_int8(*_gptq_by_columns(site.load(), 8, k, hessian), k)  # noqa: E731
+    else:
+        compute = lambda: _codes_int8(*_nbits_by_columns(site.load(), 8, k, method, importance), k)  # noqa: E731
+    parts = _Shared(compute, parts=2)
+    w = _initializer(graph, f"{site.weight_name}_int8", ir.DataType.INT8, (k, n), parts, 0)
+    ws = _initializer(graph, f"{site.weight_name}_scale", FLOAT, (n,), parts, 1)
+    zp = _shared_constant(graph, "token_quant/zero_point", np.array(128, np.uint8))
+    matmul = ir.Node(MS, "MatMulIntegerToFloat", [xq, w, xs, ws, zp], name=f"{name}/MatMulIntegerToFloat")
+    if site.bias is None:
+        return [*nodes, matmul]
+    return [*nodes, matmul, ir.Node("", "Add", [matmul.outputs[0], site.bias], name=f"{name}/bias/Add")]
+
+
+def _token_quantize(graph: ir.Graph, x: ir.Value, k: int, prefix: str) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value]]:
+    """The nodes quantizing x (.., K) to uint8 per row: (nodes, (codes (.., K), scales (.., 1))).
+
+    The zero points (.., 1) are made for each x from its own scales' shape. Sharing them between activations whose
+    recorded shapes agree is not safe: a traced graph's symbolic dims can name different sizes (the lm_head's input
+    after the last-token Slice is recorded as (batch, sequence, K)), which QuantizeLinear refuses at run time."""
+    axes = _shared_constant(graph, "token_quant/axes", np.array([-1], np.int64))
+    inv = _shared_constant(graph, "token_quant/inv_127", np.array(1 / 127, np.float32))
+    floor = _shared_constant(graph, "token_quant/min_scale", np.array(TOKEN_MIN_SCALE, np.float32))
+    absolute = ir.Node("", "Abs", [x], name=f"{prefix}/Abs")
+    peak = ir.Node("", "ReduceMax", [absolute.outputs[0], axes], [ir.AttrInt64("keepdims", 1)],
+                   name=f"{prefix}/ReduceMax")
+    scaled = ir.Node("", "Mul", [peak.outputs[0], inv], name=f"{prefix}/Mul")
+    scale = ir.Node("", "Max", [scaled.outputs[0], floor], name=f"{prefix}/Max")
+    scale.outputs[0].name, scale.outputs[0].dtype = f"{prefix}/scale", FLOAT
+    shape = ir.Node("", "Shape", [scale.outputs[0]], name=f"{prefix}/Shape")
+    zero = ir.Node("", "ConstantOfShape", [shape.outputs[0]],
+                   [ir.AttrTensor("value", ir.tensor(np.array([128], np.uint8)))], name=f"{prefix}/ConstantOfShape")
+    zero.outputs[0].name, zero.outputs[0].dtype = f"{prefix}/zero_point", ir.DataType.UINT8
+    codes = ir.Node("", "QuantizeLinear", [x, scale.outputs[0], zero.outputs[0]],
+                    [ir.AttrInt64("axis", -1), ir.AttrInt64("block_size", k)], name=f"{prefix}/QuantizeLinear")
+    codes.outputs[0].name, codes.outputs[0].dtype = f"{prefix}/codes", ir.DataType.UINT8
+    return [absolute, peak, scaled, scale, shape, zero, codes], (codes.outputs[0], scale.outputs[0])
+
+
+def _codes_int8(packed: np.ndarray, scales: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One block of K per column in MatMulNBits' 8-bit layout (N, 1, K) uint8 offset by 128 -> int8 (K, N)."""
+    n = packed.shape[0]
+    q = (packed.reshape(n, -1)[:, :k].astype(np.int16) - 128).astype(np.int8)
+    return np.ascontiguousarray(q.T), scales.reshape(n).astype(np.float32)
+
+
+def _shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """One initializer per graph for a constant many nodes read."""
+    if name not in graph.initializers:
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                         const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+    return graph.initializers[name]
+
+
+def _require_opset(model: ir.Model, version: int) -> None:
+    """Raise the default domain's opset to `version` (the ops in between only gained types, checked)."""
+    if model.opset_imports.get("", 1) >= version:
+        return
+    changed = sorted({n.op_type for n in model.graph.all_nodes() if n.domain in ("", "ai.onnx")
+                      and n.op_type in _CHANGED_IN_21})
+    if changed:
+        raise ValueError(f"the token kernel needs opset {version}, and {', '.join(changed)} changed meaning there")
+    model.opset_imports[""] = version
 
 
 _PASS_THROUGH = ("Add", "Cast", "Reshape", "Identity", "Squeeze", "Unsqueeze")
@@ -383,7 +494,10 @@ def _quantize(model: ir.Model, rewriter, report: dict[str, str] | None, min_k) -
     for site, rewrite in plans:
         node = site.node
         new = rewrite(site)
-        graph.insert_before(node, new)
+        new_nodes = new if isinstance(new, list) else [new]
+        for one in new_nodes:
+            graph.insert_before(node, one)
+        new = new_nodes[-1]
         old = node.outputs[0]
         new.outputs[0].type, new.outputs[0].shape = old.type, old.shape
         name = old.name
