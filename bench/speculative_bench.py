@@ -4,7 +4,8 @@
 
 The target defaults to the trained gpt2-bench checkpoint of tests/trained.py when it is cached, else gpt2-ci; the
 draft model (--draft, default: gpt2-ci when the target is bigger) must use the target's tokenizer. Both are
-exported fp32 (concat KV layout); CTranslate2 converts the target (fp32).
+exported fp32 (concat KV layout); the target is also converted to the shared_buffer layout (the in-place cache)
+for the "-sb" engines; CTranslate2 converts the target (fp32).
 
 Tasks (greedy, min_new_tokens = max_new_tokens so every engine decodes the same number of tokens):
   repeat    a held-out standard-library snippet, then "# The same code again:" and its first line: the answer
@@ -12,10 +13,21 @@ Tasks (greedy, min_new_tokens = max_new_tokens so every engine decodes the same 
   edit      the snippet with one name renamed in its first line: the rest, renamed, is in the prompt
   open      held-out prose from the Python documentation, continued (open-ended)
 Each at batch 1 (one prompt) and batch 8 (eight prompts of the task). Engines: plain (our runtime), lookup
-(`speculative="prompt_lookup"`), draft (`speculative=DRAFT_DIR`), ct2-fp32. Every engine runs in a fresh process
-per round, engines in turn (A B A B ...), `--rounds` rounds; the table quotes medians of tokens/s (decode only:
-t(new) - t(1), new - 1 tokens per row) and of the per-round ratio to plain, the acceptance rate, and whether the
-tokens equal plain decoding's (CTranslate2's are compared too, for information).
+(`speculative="prompt_lookup"`), draft (`speculative=DRAFT_DIR`), ct2-fp32, and plain-sb, lookup-sb, draft-sb: the
+same on the shared_buffer artifact (at batch 8 it checks drafts row by row: onnxruntime's GroupQueryAttention
+takes several new tokens after a past at batch 1 only). Every engine runs in a fresh process per round, engines in
+turn (A B A B ...), `--rounds` rounds; the table quotes medians of tokens/s (decode only: t(new) - t(1), new - 1
+tokens per row) and of the per-round ratio to plain of the same layout (plain-sb for the -sb engines), the
+acceptance rate, and whether the tokens equal that plain decoding's (CTranslate2's are compared too, for
+information).
+
+    python bench/speculative_bench.py --serve [--rounds 3] [--new 48]
+
+`gptrun serve` on the shared_buffer target (--max-batch 4): the request extension `"speculative":
+"prompt_lookup"` against plain requests, greedy, the repeat and open prompts: 1 client (one request at a time),
+and 4 concurrent clients where none, one or all four speculate. Scenarios alternate within each round (fresh
+server per round); the table quotes medians of each request's tokens/s (completion tokens / its wall time),
+for the speculating request(s) and for the plain ones beside them, and whether every text equals the plain one.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("repeat", "edit", "open")
 BATCHES = (1, 8)
-ENGINES = ("plain", "lookup", "draft", "ct2-fp32")
+ENGINES = ("plain", "lookup", "draft", "ct2-fp32", "plain-sb", "lookup-sb", "draft-sb")
 PROMPT_TOKENS = 56  # the trained checkpoints have 128 positions: prompt + new tokens fit in them
 
 
@@ -106,9 +118,10 @@ def worker(args) -> dict:
         sys.path.insert(0, str(REPO))
         from gptexport import runtime
 
-        model = runtime.load(args.artifact, threads=args.threads)
-        spec = {"plain": None, "lookup": "prompt_lookup", "draft": args.draft}[args.engine]
-        if spec is not None and args.engine == "draft":
+        shared = args.engine.endswith("-sb")
+        model = runtime.load(args.shared if shared else args.artifact, threads=args.threads)
+        spec = {"plain": None, "lookup": "prompt_lookup", "draft": args.draft}[args.engine.removesuffix("-sb")]
+        if spec is not None and args.engine.startswith("draft"):
             spec = runtime.load(spec, threads=args.threads)
 
         def generate(texts, n):
@@ -151,6 +164,79 @@ def _export(ckpt: Path, out: Path) -> Path:
     return out
 
 
+# -- the server -----------------------------------------------------------------------------------------------------
+
+SERVE_SCENARIOS = (("1 client", 1, 0), ("1 client, lookup", 1, 1), ("4 clients", 4, 0),
+                   ("4 clients, 1 lookup", 4, 1), ("4 clients, 4 lookup", 4, 4))
+
+
+def _serve(artifact: Path, threads: int):
+    import re
+    import threading
+
+    proc = subprocess.Popen([_tool("gptrun"), "serve", str(artifact), "--port", "0", "--max-batch", "4",
+                             "--threads", str(threads), "--model-name", "bench"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, ready = [], re.compile(r"ready at (http://127\.0\.0\.1:\d+)")
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        hit = next((ready.search(line) for line in list(lines) if ready.search(line)), None)
+        if hit:
+            return proc, hit.group(1)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    sys.exit("gptrun serve did not start:\n" + "".join(lines))
+
+
+def _request(url: str, prompt: str, new: int, lookup: bool) -> tuple:
+    import httpx
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new, "min_tokens": new, "temperature": 0}
+    if lookup:
+        body["speculative"] = "prompt_lookup"
+    start = time.perf_counter()
+    reply = httpx.post(url + "/v1/completions", json=body, timeout=600).json()
+    seconds = time.perf_counter() - start
+    return reply["usage"]["completion_tokens"] / seconds, reply["choices"][0]["text"]
+
+
+def serve_bench(args, artifact: Path, tasks: dict) -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = {task: tasks[task][0] for task in ("repeat", "open")}
+    runs = {(task, name): [] for task in prompts for name, _, _ in SERVE_SCENARIOS}
+    for r in range(args.rounds):
+        proc, url = _serve(artifact, args.threads)
+        try:
+            for task, prompt in prompts.items():
+                _request(url, prompt, 4, False)  # warm-up
+                plain_text = _request(url, prompt, args.new, False)[1]
+                for name, clients, lookups in SERVE_SCENARIOS:
+                    print(f"[bench] serve round {r + 1}/{args.rounds} {task}: {name}", file=sys.stderr, flush=True)
+                    with ThreadPoolExecutor(clients) as pool:
+                        out = list(pool.map(lambda i: _request(url, prompt, args.new, i < lookups), range(clients)))
+                    runs[task, name].append({"spec": [o[0] for o in out[:lookups]],
+                                             "plain": [o[0] for o in out[lookups:]],
+                                             "same": all(o[1] == plain_text for o in out)})
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    lines = [f"gptrun serve {artifact.name} --max-batch 4 --threads {args.threads}; {args.new} new tokens, greedy; "
+             f"median of {args.rounds} rounds (fresh server each), tok/s per request (completion tokens / wall)",
+             "", "| prompt | scenario | lookup request tok/s | plain request tok/s | texts = plain |",
+             "|---|---|---|---|---|"]
+    for (task, name), results in runs.items():
+        spec = [v for res in results for v in res["spec"]]
+        plain = [v for res in results for v in res["plain"]]
+        cell = lambda v: f"{statistics.median(v):.1f}" if v else "-"  # noqa: E731
+        same = "yes" if all(res["same"] for res in results) else "NO"
+        lines.append(f"| {task} | {name} | {cell(spec)} | {cell(plain)} | {same} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, default=None, help="target checkpoint dir (default: gpt2-bench)")
@@ -162,10 +248,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=None, help="num_speculative_tokens (default: the runtime's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--serve", action="store_true", help="measure the server's request extension instead")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--artifact", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ct2", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--shared", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--target-ckpt", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,11 +265,23 @@ def main() -> None:
     draft = args.draft or (_cached("gpt2-ci") if target != _cached("gpt2-ci") else None)
     if target is None:
         sys.exit("no target checkpoint: pass --target, or train one (tests/trained.py)")
-    engines = [e for e in args.engines.split(",") if e != "draft" or draft is not None]
+    engines = [e for e in args.engines.split(",") if not e.startswith("draft") or draft is not None]
+    if args.serve:
+        engines = ["plain-sb"]
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     artifact = _export(target, work / "target")
     draft_art = _export(draft, work / "draft") if draft is not None else None
+    shared = work / "target-sb"
+    if any(e.endswith("-sb") for e in engines) and not (shared / "manifest.json").exists():
+        from gptexport.exporter.artifact import convert_to_shared_buffer
+
+        convert_to_shared_buffer(artifact, shared, force=True)
+    if args.serve:
+        from tokenizers import Tokenizer
+
+        print(serve_bench(args, shared, prompts(target, Tokenizer.from_file(str(target / "tokenizer.json")))))
+        return
     ct2 = work / "ct2-fp32"
     if "ct2-fp32" in engines and not (ct2 / "model.bin").exists():
         subprocess.run([_tool("ct2-transformers-converter"), "--model", str(target), "--output_dir", str(ct2),
@@ -198,7 +298,7 @@ def main() -> None:
     for r in range(args.rounds):
         for engine in engines:
             cmd = [sys.executable, __file__, "--worker", "1", "--engine", engine, "--artifact", str(artifact),
-                   "--ct2", str(ct2), "--target-ckpt", str(target), "--prompts", str(prompt_file),
+                   "--ct2", str(ct2), "--shared", str(shared), "--target-ckpt", str(target), "--prompts", str(prompt_file),
                    "--new", str(args.new), "--repeats", str(args.repeats), "--threads", str(args.threads)]
             if args.k:
                 cmd += ["--k", str(args.k)]
@@ -216,10 +316,12 @@ def report(runs: dict, engines: list, batches: dict, target, draft, args) -> str
              "", "| workload | engine | tok/s | × plain | × ct2-fp32 | acceptance | tokens = plain |",
              "|---|---|---|---|---|---|---|"]
     for key in batches:
-        plain = runs["plain"][0][key]["tokens"]
         for engine in engines:
+            base = "plain-sb" if engine.endswith("-sb") and "plain-sb" in runs else "plain"
+            plain = runs[base][0][key]["tokens"] if base in runs else None
             tok = statistics.median(r[key]["tok_s"] for r in runs[engine])
-            ratio = statistics.median(r[key]["tok_s"] / p[key]["tok_s"] for r, p in zip(runs[engine], runs["plain"]))
+            ratio = (statistics.median(r[key]["tok_s"] / p[key]["tok_s"] for r, p in zip(runs[engine], runs[base]))
+                     if base in runs else float("nan"))
             vs_ct2 = (statistics.median(r[key]["tok_s"] / c[key]["tok_s"]
                                         for r, c in zip(runs[engine], runs["ct2-fp32"]))
                       if "ct2-fp32" in runs else float("nan"))

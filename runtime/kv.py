@@ -38,6 +38,7 @@ class SharedKVCache:
     def __init__(self, pairs, batch, num_heads, head_size, capacity, dtype, device="cpu", device_id=0):
         self.pairs, self.capacity, self.device, self.device_id = pairs, capacity, device, device_id
         shape = (batch, num_heads, capacity, head_size)  # (B, nh, capacity, hs)
+        self.dtype, self.row_shape = np.dtype(dtype), [1, num_heads, capacity, head_size]
         self.buffers = {past: ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
                         for past, _ in pairs}
         self.lengths = np.zeros(batch, dtype=np.int32)  # real tokens cached per row
@@ -66,6 +67,19 @@ class SharedKVCache:
         for past, present in self.pairs:
             binding.bind_ortvalue_input(past, self.buffers[past])
             binding.bind_ortvalue_output(present, self.buffers[past])
+
+    def bind_row(self, binding: ort.IOBinding, row: int) -> None:
+        """Bind row `row` of every buffer alone, as a batch of one, past input and present output.
+
+        Speculative decoding's verify step at batch > 1 runs row by row: GroupQueryAttention takes several new
+        tokens after a past at batch 1 only. A row of (B, nh, capacity, hs) is contiguous, so it is a pointer
+        and a shape: no cache byte is copied.
+        """
+        offset = row * int(np.prod(self.row_shape)) * self.dtype.itemsize
+        for past, present in self.pairs:
+            pointer = self.buffers[past].data_ptr() + offset
+            binding.bind_input(past, self.device, self.device_id, self.dtype, self.row_shape, pointer)
+            binding.bind_output(present, self.device, self.device_id, self.dtype, self.row_shape, pointer)
 
 
 def right_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token_id: int):

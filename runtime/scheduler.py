@@ -17,6 +17,13 @@ sampling row from its own Generator, what `next_tokens` gives it alone), then ea
 the very step `Model.generate` runs (one sampling, one stop-string implementation), so a request gives the tokens
 it gives alone through `runtime.generate` with the same seed.
 
+A sequence may speculate (prompt lookup, runtime/speculative.py): it leaves the batched step while it has
+drafts, and checks [its last token, d1..dn] in its own batch-1 call on its slot (`extend`; GroupQueryAttention
+takes several new tokens after a past at batch 1 only), emits the tokens the acceptance rule keeps, exactly as
+`Model.generate(..., speculative="prompt_lookup")` would, and drops the rest (`rewind`). Its K backs off as there;
+paused, or with nothing to draft, it steps in the batch. The others wait for its call: a speculating sequence
+gains (1 + accepted) tokens a call while each other sequence waits one call.
+
 The loop runs in one thread; callers on other threads `submit`, `cancel` and read the gauges. Updates go back
 through each sequence's `on_update` callback, called on the loop's thread with an immutable `Update`.
 """
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import speculative
 from .model import Model, _Row
 from .sampling import SamplingParams, next_tokens_each
 
@@ -93,10 +101,11 @@ class Sequence:
         top_logprobs: None for no logprobs; k >= 0 to report each token's logprob and its k best alternatives.
         deadline: time.monotonic() after which the sequence fails as timed out (None: never).
         on_update: called with each `Update`, on the scheduler's thread; must not block.
+        speculative_tokens: 0, or K: speculate with prompt lookup, up to K drafts a round.
     """
 
     def __init__(self, prompt: list, params: SamplingParams, stops=(), seed=None, eos=None, top_logprobs=None,
-                 deadline=None, on_update=None):
+                 deadline=None, on_update=None, speculative_tokens: int = 0):
         self.row = _Row(prompt=list(prompt))
         self.seen = list(prompt)  # the repetition penalty's view: prompt + generated
         self.params, self.stops, self.eos = params, list(stops), eos
@@ -112,6 +121,20 @@ class Sequence:
         self.pending: list = []  # (id, logprob, top) of tokens whose text is not sent yet
         self.start_offset = 0  # text offset where the first pending token starts
         self.submitted = self.admitted = self.first_token = self.last_token = None
+        self.lookup = speculative.NgramIndex(prompt) if speculative_tokens else None
+        self.schedule = speculative._Schedule(speculative_tokens) if speculative_tokens else None
+        self.drafted = self.accepted = 0
+
+    def drafts(self) -> list:
+        """This step's prompt-lookup drafts ([]: step in the batch), as `speculative.run` makes them."""
+        if self.lookup is None:
+            return []
+        k = min(self.schedule.next_k(), self.params.max_new_tokens - self.generated - 1)
+        if k <= 0:
+            return []
+        for token in self.seen[len(self.lookup.ids):]:  # what was emitted since (batched steps included)
+            self.lookup.append(token)
+        return self.lookup.propose(k)
 
 
 class Scheduler:
@@ -122,7 +145,7 @@ class Scheduler:
         cache: a slot cache from runtime/slots.py (`SlotCache` or `ConcatSlots`).
         max_queue: sequences that may wait for a slot beyond the free ones.
         observer: optional object with `admitted(queue_s)`, `token(first, seconds)` (first: from submission)
-            and `step(running)` (sequences in each decode step).
+            and `step(running)` (sequences in each decode step); `speculated(drafted, accepted)` if it has it.
         step_delay: tests only: sleep this long before each decode step, so that requests are reliably in
             flight when a test disconnects, overloads or stops the server.
     """
@@ -277,7 +300,44 @@ class Scheduler:
     def _decode(self) -> None:
         if self.step_delay:
             time.sleep(self.step_delay)
-        seqs = list(self._running.values())
+        seqs, speculating = [], []
+        for seq in self._running.values():
+            drafts = seq.drafts()
+            (speculating.append((seq, drafts)) if drafts else seqs.append(seq))
+        if seqs:
+            self._step(seqs)
+        for seq, drafts in speculating:
+            try:
+                self._speculate(seq, drafts)
+            except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
+                self._fail(seq, e)
+
+    def _speculate(self, seq: Sequence, drafts: list) -> None:
+        """One speculative round of `seq` in its own call: the target's verdict on [t, d1..dn], each emitted token
+        reported as a plain step's, the rejected positions dropped from its slot."""
+        logits = self.cache.extend(seq.slot, [seq.seen[-1]] + drafts)  # (1+n, vocab)
+        self.steps += 1
+        if self.observer:
+            self.observer.step(1)  # a batch of one
+        emitted = 0
+        for j in range(len(drafts) + 1):
+            draft = drafts[j] if j < len(drafts) else None
+            token, agreed = speculative._choose(seq.row, seq.seen, logits[j], draft, None, seq.params, seq.rng,
+                                                seq.eos)
+            self._advance(seq, logits[j], token)
+            emitted += 1
+            if not agreed or seq.finished:
+                break
+        if not seq.finished:  # a finished sequence's slot is released already
+            self.cache.rewind(seq.slot, len(drafts) + 1 - emitted)
+        seq.drafted += len(drafts)
+        seq.accepted += emitted - 1
+        seq.schedule.update(len(drafts), emitted - 1)
+        if self.observer and hasattr(self.observer, "speculated"):
+            self.observer.speculated(len(drafts), emitted - 1)
+
+    def _step(self, seqs: list) -> None:
+        """One decode step of `seqs` in one batched call."""
         slots, tokens = [s.slot for s in seqs], [s.seen[-1] for s in seqs]
         rows = None  # ConcatSlots steps each slot alone anyway: a failure then touches one sequence only
         if self.cache.preallocated:

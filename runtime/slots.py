@@ -9,7 +9,11 @@ first request. GroupQueryAttention writes each row's new K/V at slot `seqlens_k[
  prefill of new sequences in slots [s, e): bind rows [s, e), ids (e-s, L) right-padded, seqlens_k = L_b-1 each
  decode step of the running slots:       bind rows [lo, hi) (lowest to highest running slot), ids (hi-lo, 1)
                                           free rows inside [lo, hi) are fed a pad token at position 0 (their
-                                          slot 0 is scratch until a prefill rewrites it); their logits are dropped
+                                          slot 0 is scratch until a prefill rewrites it); their logits are dropped;
+                                          a busy row left out of the step (a sequence that speculates) is fed one
+                                          at its length: the slot past its tokens, which its next write rewrites
+ speculation of the sequence in slot s:  bind rows [s, s+1), ids (1, n), seqlens_k = length + n - 1, logits of
+                                          all n positions (`extend`); `rewind` drops the rejected ones
 ```
 
 Binding a range of rows of a buffer is a pointer and a shape: no KV byte is ever copied, on CPU or CUDA.
@@ -25,6 +29,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .session import Decoder
+
+INDEX_DIM = "batch_x_positions"  # graphs/shared_kv.py: logits_index lists several positions per row
 
 
 def cache_bytes(decoder: Decoder, slots: int, context: int) -> int:
@@ -109,7 +115,8 @@ class SlotCache:
         lo, hi = int(slots.min()), int(slots.max()) + 1
         ids = np.full((hi - lo, 1), self.decoder.pad_token_id, dtype=np.int64)  # (rows, 1)
         positions = np.zeros((hi - lo, 1), dtype=np.int64)
-        seqlens = np.zeros(hi - lo, dtype=np.int32)  # free rows: one scratch token at slot 0
+        # free rows: one scratch token at slot 0; busy rows left out: at their length (past their tokens)
+        seqlens = np.minimum(self.lengths[lo:hi], self.context - 1).astype(np.int32)
         index = slots - lo
         ids[index, 0] = tokens
         positions[index, 0] = self.lengths[slots]  # a token's position = real tokens before it
@@ -127,6 +134,32 @@ class SlotCache:
     def release(self, slot: int) -> None:
         """Forget a slot's sequence (its rows are overwritten by the next prefill)."""
         self.lengths[slot] = 0
+
+    @property
+    def speculates(self) -> bool:
+        """The graph returns several positions' logits per row (`extend`): an export from this version."""
+        shape = next(i.shape for i in self.decoder.session.get_inputs() if i.name == "logits_index")
+        return shape == [INDEX_DIM]
+
+    def extend(self, slot: int, ids: list) -> np.ndarray:
+        """Feed the sequence in `slot` several tokens in one run at batch 1 (speculative decoding's check: the
+        graph's GroupQueryAttention takes several new tokens after a past at batch 1 only); returns every
+        position's logits (len(ids), vocab). `rewind` drops what is rejected."""
+        n, length = len(ids), int(self.lengths[slot]) + len(ids)
+        if length > self.context:
+            raise ValueError(f"KV cache slot of {self.context} positions is full")
+        feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
+                 "position_ids": np.arange(length - n, length, dtype=np.int64)[None, :],  # (1, n)
+                 "seqlens_k": np.array([length - 1], dtype=np.int32),
+                 "total_sequence_length": np.array(length, dtype=np.int32),
+                 "logits_index": np.arange(n, dtype=np.int64)}
+        logits = self._run(slot, 1, feeds)  # (1, n, vocab)
+        self.lengths[slot] = length
+        return logits[0]
+
+    def rewind(self, slot: int, drop: int) -> None:
+        """Drop the last `drop` positions of a slot (the next write rewrites them)."""
+        self.lengths[slot] -= drop
 
     def _run(self, first: int, count: int, feeds: dict) -> np.ndarray:
         session = self.decoder.session
@@ -186,6 +219,25 @@ class ConcatSlots:
     def release(self, slot: int) -> None:
         """Drop a slot's cache."""
         self.caches[slot], self.lengths[slot] = None, 0
+
+    speculates = True
+
+    def extend(self, slot: int, ids: list) -> np.ndarray:
+        """As `SlotCache.extend`."""
+        n, length = len(ids), int(self.lengths[slot]) + len(ids)
+        if length > self.context:
+            raise ValueError(f"KV cache slot of {self.context} positions is full")
+        logits = self.decoder.step(np.asarray([ids], dtype=np.int64), np.ones((1, length), dtype=np.int64),
+                                   np.arange(length - n, length, dtype=np.int64)[None, :], self.caches[slot],
+                                   logits_to_keep=n)  # (1, n, vocab)
+        self.lengths[slot] = length
+        return logits[0]
+
+    def rewind(self, slot: int, drop: int) -> None:
+        """As `SlotCache.rewind`: the cache is cut."""
+        if drop:
+            self.lengths[slot] -= drop
+            self.caches[slot].truncate(int(self.lengths[slot]))
 
 
 def make_slots(decoder: Decoder, slots: int, context: int):

@@ -18,11 +18,26 @@ cache at the longest row's kept length and masks the rest of each row out (a zer
 take holes, and their positions come from the count of real tokens); the shared_buffer graph rewinds each row's
 length, and the next write overwrites what was dropped.
 
+onnxruntime's GroupQueryAttention (the shared_buffer graph's attention) takes several new tokens after a past at
+batch 1 only ("batch_size must be 1 when sequence_length > 1 and past context is given": its input check, which
+has no other input form for it on CPU). So at batch > 1 a shared_buffer round checks its drafts row by row: each
+row runs alone on its own row of the cache buffers (bound by pointer: `SharedKVCache.bind_row`), fed its own
+real tokens only, and finished rows are not run. When few rows have drafts, every row's first token goes in one
+batched step and only the drafting rows run alone after it.
+
+```
+ batch B, shared_buffer:  rows with drafts R >= B-1:  one call per live row b on [t, d1..dn_b] (1, 1+n_b)
+                          R <= B-2:                   one call (B, 1) on every t, then one per drafting row on
+                                                      [d1..dn_b] (1, n_b)
+```
+
 Speculation backs off when drafts are rejected (`_Schedule`): K follows transformers' heuristic for assisted
 generation (+2 when every draft was accepted, -1 otherwise), and a round with nothing accepted pauses speculation
 for 1, 2, 4 .. 32 plain steps, so text the drafts cannot predict costs little more than plain decoding. A round
 whose drafting took longer than the target steps its accepted drafts saved (a draft model too big for its
-target) counts as accepting nothing, so a slow draft backs off too.
+target) counts as accepting nothing, so a slow draft backs off too. A batch checked row by row costs a call per
+drafting row, so there every row drafts only while that is measured to pay (`_RowSchedule`): otherwise one row
+probes now and then, between plain steps.
 """
 
 from __future__ import annotations
@@ -36,19 +51,16 @@ import numpy as np
 from .errors import GenerationError
 from .kv import SharedKVCache
 
-INDEX_DIM = "batch_x_positions"  # graphs/shared_kv.py (the runtime does not import graphs)
-# onnxruntime's CPU GroupQueryAttention: "batch_size must be 1 when sequence_length > 1 and past context is given"
-SHARED_BATCH = ("speculative decoding with a shared_buffer artifact runs one prompt at a time (onnxruntime's "
-                "GroupQueryAttention takes several new tokens after a past at batch 1 only): pass one prompt, "
-                "max_batch_size=1, or use a concat artifact")
 from .sampling import SamplingParams, next_token_probs, next_tokens, sample
+
+INDEX_DIM = "batch_x_positions"  # graphs/shared_kv.py (the runtime does not import graphs)
 
 PROMPT_LOOKUP = "prompt_lookup"
 DEFAULT_SPECULATIVE_TOKENS = 5  # K with a draft model (transformers' assisted generation starts at 5)
 DEFAULT_LOOKUP_TOKENS = 10  # K with prompt lookup, whose drafts cost nothing (transformers' default is 10 too)
 MAX_SPECULATIVE_TOKENS = 64
 NGRAM_SIZES = (3, 2, 1)  # prompt lookup: the longest suffix of the text that occurred before wins
-MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing
+MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing (and between two probes)
 
 
 # -- drafts ------------------------------------------------------------------------------------------------------
@@ -92,16 +104,39 @@ class PromptLookup:
 
     def __init__(self, seen: list):
         self.index = [NgramIndex(ids) for ids in seen]
+        self.shadows = [None] * len(seen)  # per row: (drafts, where they start) not checked by the target
+        self.gains = {}  # row -> tokens a round would have emitted, found since the last `take_gains`
 
     def propose(self, counts: list, params: SamplingParams, rng):
         """Up to counts[b] drafts per row: (id lists, None: point masses)."""
         return [self.index[b].propose(k) if k else [] for b, k in enumerate(counts)], None
 
+    def shadow(self, k: int, rows) -> None:
+        """Draft k ids for each of `rows` without checking them: the tokens the target emits next say how many
+        a round would have accepted (`take_gains`). Free for prompt lookup, so a batch checked row by row
+        knows each row's gain without paying a call for it."""
+        for b in rows:
+            if self.shadows[b] is None:
+                drafts = self.index[b].propose(k)
+                if drafts:
+                    self.shadows[b] = (drafts, len(self.index[b].ids))
+
     def accepted(self, emitted: list) -> None:
         """Each row's ids emitted this round, in order."""
-        for index, ids in zip(self.index, emitted):
+        for b, (index, ids) in enumerate(zip(self.index, emitted)):
             for token in ids:
                 index.append(token)
+            if self.shadows[b] is not None:
+                drafts, at = self.shadows[b]
+                got = index.ids[at:at + len(drafts)]
+                agreed = next((j for j, (d, t) in enumerate(zip(drafts, got)) if d != t), len(got))
+                if agreed < len(got) or len(got) == len(drafts):  # decided: a mismatch, or all of them matched
+                    self.gains[b] = 1 + agreed
+                    self.shadows[b] = None
+
+    def take_gains(self) -> dict:
+        gains, self.gains = self.gains, {}
+        return gains
 
 
 class DraftModel:
@@ -183,6 +218,9 @@ class _Tape:
         self.mask = np.zeros((batch, 0), dtype=np.int64)  # concat: the attention mask of the cached columns
         self.real = np.zeros(batch, dtype=np.int64)  # real (unmasked) tokens per row: the next position
         self.width = 0  # tokens per row of the last `extend`, not yet kept
+        self.fed = np.zeros(batch, dtype=np.int64)  # shared_buffer: tokens each row wrote in the last `extend`
+        self.rowwise = self.shared and batch > 1  # several tokens a row are checked row by row (see the top)
+        self.batched, self.row_calls = True, 0  # rowwise: the last extend's batched step and row calls
 
     def prefill(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The left-padded prompt (B, L); returns the last position's logits (B, 1, V)."""
@@ -191,26 +229,34 @@ class _Tape:
         self.mask, self.real = mask.copy(), mask.sum(axis=1).astype(np.int64)
         return logits
 
-    def extend(self, tokens: np.ndarray, counts, all_logits: bool = True) -> np.ndarray:
+    def extend(self, tokens: np.ndarray, counts, all_logits: bool = True, live=None) -> np.ndarray:
         """Feed (B, S) tokens, row b's first counts[b] real (the rest padding: causally after them, so unseen by
         them). Follow with `keep`.
 
+        Args:
+            live: (B,) bools, rows whose logits are read (None: all); shared_buffer at batch > 1 does not run the
+                others when it checks row by row (their cache does not grow; `keep` knows).
         Returns:
-            (B, S, V) logits (a padding position's are meaningless); all_logits False: (B, 1, V), each row's at
-            its last real token.
+            (B, S, V) logits (a padding position's, or a row's that is not live, are meaningless); all_logits
+            False: (B, 1, V), each row's at its last real token.
         """
         batch, width = tokens.shape
         positions = np.minimum(self.real[:, None] + np.arange(width), self.max_positions - 1)  # (B, S)
         last = np.asarray(counts, dtype=np.int64) - 1  # (B,)
-        if self.shared and batch > 1 and width > 1:  # GroupQueryAttention: several new tokens at batch 1 only
-            if all_logits:
-                raise GenerationError(SHARED_BATCH)
+        if self.rowwise and live is not None:  # a finished row's cache is scratch: a batched step writes its slot 0
+            self.cache.lengths[~np.asarray(live, dtype=bool)] = 0  # (the plain loop's padding would grow it)
+        self.batched, self.row_calls = True, 0
+        if self.rowwise and width > 1 and all_logits:  # GroupQueryAttention: several new tokens at batch 1 only
+            logits = self._extend_rows(tokens, positions, np.asarray(counts, dtype=np.int64), live)
+        elif self.rowwise and width > 1:  # a draft's catch-up (mostly 1 column): one-token batched steps
             logits = np.stack([_shared_extend(self.decoder, self.cache, tokens[:, j:j + 1], positions[:, j:j + 1],
                                               np.zeros(batch, dtype=np.int64))[:, 0] for j in range(width)], axis=1)
             logits = logits[np.arange(batch), last][:, None, :]  # (B, 1, V)
+            self.fed[:] = width
         elif self.shared:
             index = np.broadcast_to(np.arange(width), (batch, width)) if all_logits else last
             logits = _shared_extend(self.decoder, self.cache, tokens, positions, index)
+            self.fed[:] = width
         else:
             mask = np.concatenate([self.mask, np.ones((batch, width), dtype=np.int64)], axis=1)  # (B, T+S)
             logits = self.decoder.step(tokens, mask, positions, self.cache, logits_to_keep=width)
@@ -220,11 +266,40 @@ class _Tape:
         self.width = width
         return logits
 
+    def _extend_rows(self, tokens: np.ndarray, positions: np.ndarray, counts: np.ndarray, live) -> np.ndarray:
+        """shared_buffer at batch > 1: the live rows' counts[b] tokens, checked row by row (see the top);
+        returns (B, S, V)."""
+        batch, width = tokens.shape
+        live = np.ones(batch, dtype=bool) if live is None else np.asarray(live, dtype=bool)
+        drafting = np.flatnonzero(live & (counts > 1))
+        logits, start = None, 0
+        self.fed[:] = 0
+        self.batched = len(drafting) <= batch - 2
+        if self.batched:  # 1 + R calls beat one per live row: every t in one batched step first
+            first = _shared_extend(self.decoder, self.cache, tokens[:, :1], positions[:, :1],
+                                   np.zeros(batch, dtype=np.int64))  # (B, 1, V)
+            logits = np.zeros((batch, width, first.shape[-1]), dtype=first.dtype)
+            logits[:, :1] = first
+            self.fed[:] = start = 1
+            rows = drafting
+        else:
+            rows = np.flatnonzero(live)
+        self.row_calls = len(rows)
+        for b in rows.tolist():
+            n = int(counts[b])
+            out = _shared_row_extend(self.decoder, self.cache, b, tokens[b:b + 1, start:n],
+                                     positions[b:b + 1, start:n])  # (1, n - start, V)
+            if logits is None:
+                logits = np.zeros((batch, width, out.shape[-1]), dtype=out.dtype)
+            logits[b, start:n] = out[0]
+            self.fed[b] = n
+        return logits
+
     def keep(self, kept) -> None:
         """Keep the first kept[b] tokens of row b of the last `extend` (the rest is dropped from the cache)."""
         kept = np.asarray(kept, dtype=np.int64)
-        if self.shared:
-            self.cache.lengths = (self.cache.lengths - self.width + kept).astype(np.int32)
+        if self.shared:  # a row that was not run keeps nothing
+            self.cache.lengths = (self.cache.lengths - self.fed + np.minimum(kept, self.fed)).astype(np.int32)
         else:
             before = self.mask.shape[1] - self.width
             self._cut(before, kept)
@@ -235,7 +310,7 @@ class _Tape:
         """Undo the last `steps` one-token extends except the first kept[b] of them per row (a draft model's
         rejected drafts)."""
         kept = np.asarray(kept, dtype=np.int64)
-        if self.shared:
+        if self.shared:  # one-token extends: every row was run
             self.cache.lengths = (self.cache.lengths - steps + kept).astype(np.int32)
         else:
             self._cut(self.mask.shape[1] - steps, kept)
@@ -268,12 +343,34 @@ def _shared_extend(decoder, cache: SharedKVCache, tokens: np.ndarray, positions:
     if total > cache.capacity:
         raise ValueError(f"KV cache of {cache.capacity} slots is full")
     if index.ndim == 2 and index.shape[1] > 1:
-        shape = next(i.shape for i in decoder.session.get_inputs() if i.name == "logits_index")
-        if shape != [INDEX_DIM]:
-            raise GenerationError("this shared_buffer artifact's graph returns one position's logits per row, "
-                                  "which cannot check drafts: re-export it with this gptexport, or use a concat "
-                                  "artifact")
+        _check_positions_index(decoder)
     index = index.reshape(-1)  # (B * n,): n positions per row, row after row
+    binding = _bind_inputs(decoder, tokens, positions, lengths, total, index)
+    cache.bind(binding)
+    decoder.session.run_with_iobinding(binding)
+    cache.lengths = lengths.astype(np.int32)
+    return binding.get_outputs()[0].numpy()
+
+
+def _shared_row_extend(decoder, cache: SharedKVCache, row: int, tokens: np.ndarray,
+                       positions: np.ndarray) -> np.ndarray:
+    """As `_shared_extend` for one row of the cache at batch 1: (1, n) tokens after its cached ones, every
+    position's logits; (1, n, V)."""
+    width = tokens.shape[1]
+    length = int(cache.lengths[row]) + width
+    if length > cache.capacity:
+        raise ValueError(f"KV cache of {cache.capacity} slots is full")
+    if width > 1:
+        _check_positions_index(decoder)
+    binding = _bind_inputs(decoder, tokens, positions, np.array([length]), length, np.arange(width))
+    cache.bind_row(binding, row)
+    decoder.session.run_with_iobinding(binding)
+    cache.lengths[row] = length
+    return binding.get_outputs()[0].numpy()
+
+
+def _bind_inputs(decoder, tokens, positions, lengths: np.ndarray, total: int, index: np.ndarray):
+    """A binding of a shared_buffer step's inputs (lengths: each row's cached length after it) and its logits."""
     binding = decoder.session.io_binding()
     for name, array in (("input_ids", tokens), ("position_ids", positions),
                         ("seqlens_k", (lengths - 1).astype(np.int32)),
@@ -281,17 +378,30 @@ def _shared_extend(decoder, cache: SharedKVCache, tokens: np.ndarray, positions:
                         ("logits_index", index.astype(np.int64))):
         binding.bind_cpu_input(name, np.ascontiguousarray(array))
     binding.bind_output("logits")
-    cache.bind(binding)
-    decoder.session.run_with_iobinding(binding)
-    cache.lengths = lengths.astype(np.int32)
-    return binding.get_outputs()[0].numpy()
+    return binding
+
+
+def _check_positions_index(decoder) -> None:
+    """A graph made before speculative decoding returns one position's logits per row: it cannot check drafts."""
+    shape = decoder.__dict__.get("_logits_index_shape")
+    if shape is None:
+        shape = decoder._logits_index_shape = next(i.shape for i in decoder.session.get_inputs()
+                                                   if i.name == "logits_index")
+    if shape != [INDEX_DIM]:
+        raise GenerationError("this shared_buffer artifact's graph returns one position's logits per row, "
+                              "which cannot check drafts: re-export it with this gptexport, or use a concat "
+                              "artifact")
 
 
 # -- how many drafts -----------------------------------------------------------------------------------------------
 
 class _Schedule:
     """K per round: +2 when every draft was accepted, -1 otherwise (transformers' heuristic); a round that accepted
-    nothing pauses speculation for 1, 2, 4 .. MAX_PAUSE plain steps (reset by a round that accepted any)."""
+    nothing pauses speculation for 1, 2, 4 .. MAX_PAUSE plain steps (reset by a round that accepted any).
+
+    Args:
+        k_max: drafts per round at most.
+    """
 
     def __init__(self, k_max: int):
         self.k_max, self.k = k_max, k_max
@@ -312,6 +422,74 @@ class _Schedule:
             self.wait = self.pause
         else:
             self.pause = 0
+
+
+class _RowSchedule(_Schedule):
+    """Which rows draft, for a shared_buffer batch checked row by row (see the top).
+
+    There a row's check is a call of its own (on CPU about as long as a batched plain step), and a batch is done
+    when its slowest row is, so a round pays only when every live row drafts and it takes at most the plain steps
+    that emit what its slowest row emits: draft_s + live x row_s <= step_s x min(gain[b]), gain[b] being the
+    tokens row b emits in a round (1 + accepted). All are running means timed in this run: step_s over plain
+    steps, row_s over checked rows, gain[b] over row b's rounds and, with prompt lookup, over drafts made but not
+    checked during plain steps (`PromptLookup.shadow`, free), so such a batch speculates from the first round
+    that pays and never pays a call to learn that none does. A draft model's gains are known only by checking:
+    one row probes (rows in turn, in a round that steps the others batched), with 2, 4 .. MAX_PAUSE plain steps
+    between probes while no round pays.
+    """
+
+    def __init__(self, k_max: int, batch: int, shadowed: bool):
+        super().__init__(k_max)
+        self.wait = 1  # the first round is a plain step: it times one
+        self.step_s = self.row_s = None
+        self.draft_s = 0.0  # drafting per round (a draft model's steps; prompt lookup's are ~0)
+        self.gain = [None] * batch  # per row: tokens a drafting round emits (1 + accepted), a running mean
+        self.shadowed = shadowed  # prompt lookup: gains come from unchecked drafts too (`PromptLookup.shadow`)
+        self.turn = 0  # the next row to probe (a draft model)
+
+    def rows(self, live: list) -> list:
+        """Rows that draft this round: every live one when that pays, else [] (a plain step) or one row (a
+        probe, between pauses: a draft model, whose gains are known only by checking)."""
+        on = [b for b, flag in enumerate(live) if flag]
+        if self._pays(on):
+            return on
+        if self.wait > 0 or self.shadowed:
+            self.wait = max(self.wait - 1, 0)
+            return []
+        self.turn = (self.turn + 1) % len(live)
+        while not live[self.turn]:
+            self.turn = (self.turn + 1) % len(live)
+        return [self.turn]
+
+    def _pays(self, on: list) -> bool:
+        """Every live row drafting pays: the round (drafting + a call per row) takes at most the plain steps
+        that emit what its slowest row emits."""
+        gains = [self.gain[b] for b in on]
+        if self.step_s is None or not on or None in gains:
+            return False
+        row_s = self.step_s if self.row_s is None else self.row_s  # until timed: a row's call ~ a plain step
+        return self.draft_s + len(on) * row_s <= self.step_s * min(gains)
+
+    def observe(self, drafting: float, checking: float, batched: bool, row_calls: int, gains: dict,
+                live: list) -> None:
+        """A round's times (drafting, checking: seconds), whether its calls began with a batched step, how many
+        rows it checked alone, and the tokens rows emitted or would have (row -> 1 + accepted)."""
+        for b, gain in gains.items():
+            self.gain[b] = _mean(self.gain[b], gain)
+        if not row_calls:  # a plain step
+            self.step_s = _mean(self.step_s, checking)
+            return
+        rest = checking - (self.step_s or 0.0) if batched else checking
+        self.row_s = _mean(self.row_s, max(rest, 0.0) / row_calls)
+        self.draft_s = _mean(self.draft_s, drafting)
+        if not self._pays([b for b, flag in enumerate(live) if flag]):
+            self.pause = min(max(2, 2 * self.pause), MAX_PAUSE)
+            self.wait = self.pause
+
+
+def _mean(old, new: float) -> float:
+    """A running mean that follows the recent rounds (the machine's speed moves)."""
+    return new if old is None else 0.5 * (old + new)
 
 
 # -- the loop ------------------------------------------------------------------------------------------------------
@@ -384,8 +562,6 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
     """
     input_ids, mask = model._left_pad(rows)  # (B, L)
     batch = len(rows)
-    if model.decoder.shared and batch > 1:
-        raise GenerationError(SHARED_BATCH)
     seen = [list(row.prompt) for row in rows]  # the repetition penalty's view, as `Model._run`
     capacity = input_ids.shape[1] + params.max_new_tokens + k_max + 1  # a round may write k_max + 1 past the end
     stats.batch, stats.prompt_tokens = batch, int(input_ids.shape[1])
@@ -400,15 +576,23 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         token, _ = _choose(row, seen[b], logits[b], None, None, params, rng, eos)
         _emit(model, row, seen[b], logits[b], token, stops, live_text, eos, logprobs)
     drafter.accepted([list(row.tokens) for row in rows])
-    schedule = _Schedule(k_max)
+    schedule = (_RowSchedule(k_max, batch, draft == PROMPT_LOOKUP) if tape.rowwise else _Schedule(k_max))
     stats.new_tokens = 1
     yield 1
     while True:
         live = [_live(row, params) for row in rows]
         if not any(live):
             break
-        k = schedule.next_k()
-        room = [min(k, params.max_new_tokens - len(row.tokens) - 1) if on else 0 for row, on in zip(rows, live)]
+        if tape.rowwise:
+            drafting_rows = set(schedule.rows(live))
+            k = schedule.k if drafting_rows else 0
+            if not drafting_rows and schedule.shadowed:
+                drafter.shadow(schedule.k, [b for b, on in enumerate(live) if on])
+        else:
+            k, drafting_rows = schedule.next_k(), None
+        room = [min(k, params.max_new_tokens - len(row.tokens) - 1)
+                if on and (drafting_rows is None or b in drafting_rows) else 0
+                for b, (row, on) in enumerate(zip(rows, live))]
         began = time.perf_counter()
         drafts, dists = drafter.propose(room, params, rng) if max(room) > 0 else ([[] for _ in rows], None)
         drafting = time.perf_counter() - began
@@ -416,7 +600,7 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         for b, ids in enumerate(drafts):
             feed[b, 0] = seen[b][-1]  # t: the last emitted id (a finished row: padding, as the plain loop)
             feed[b, 1:1 + len(ids)] = ids
-        logits = tape.extend(feed, [1 + len(d) for d in drafts])  # (B, 1+n, V)
+        logits = tape.extend(feed, [1 + len(d) for d in drafts], live=live)  # (B, 1+n, V)
         checking = time.perf_counter() - began - drafting
         emitted, kept = [], []
         for b, row in enumerate(rows):
@@ -433,9 +617,16 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         drafter.accepted(emitted)
         drafted = sum(len(d) for d in drafts)
         accepted = sum(len(e) - 1 for e in emitted if e)
-        # a draft model slower than the steps its accepted drafts saved counts as a round that accepted nothing
-        # (a target step is about one checking call: both read the weights once)
-        schedule.update(drafted, accepted if drafting < accepted * checking else 0)
+        if tape.rowwise:  # several calls a round: which rows draft is decided on measured tokens per second
+            gains = drafter.take_gains() if schedule.shadowed else {}
+            gains.update({b: len(e) for b, (e, d) in enumerate(zip(emitted, drafts)) if d})
+            schedule.observe(drafting, checking, tape.batched, tape.row_calls, gains, live)
+            if drafted:
+                schedule.k = min(schedule.k + 2, k_max) if accepted == drafted else max(1, schedule.k - 1)
+        else:
+            # a draft model slower than the steps its accepted drafts saved counts as a round that accepted
+            # nothing (a target step is about one checking call: both read the weights once)
+            schedule.update(drafted, accepted if drafting < accepted * checking else 0)
         stats.drafted += drafted
         stats.accepted += accepted
         stats.new_tokens = max(len(row.tokens) for row in rows)

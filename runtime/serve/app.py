@@ -210,7 +210,7 @@ class _Completion:
                 index = p * req.n + i
                 seed = None if req.seed is None else req.seed + i  # choice i: what seed + i gives alone
                 seq = Sequence(ids, params, req.stop, seed, model.eos_token_id, req.logprobs, deadline,
-                               on_update=self._listener(index))
+                               on_update=self._listener(index), speculative_tokens=req.speculative_tokens)
                 seq.fault = bool(fault) and fault in text
                 self.choices.append(_Choice(index, seq, text))
         self.seqs = [c.seq for c in self.choices]
@@ -284,6 +284,10 @@ async def completions(request: Request) -> Response:
     _check_ready(service)
     heads_app.refuse_completions(service)
     req = parse_completion(await _read_json(request, service.config.max_body_bytes), service.config.model_name)
+    if req.speculative_tokens and not service.cache.speculates:
+        raise ApiError(400, "speculative: this artifact's graph returns one position's logits per row, which "
+                            "cannot check drafts; re-export it with this gptexport", param="speculative",
+                       code="invalid_value")
     prompts = _prepare_prompts(service, req)
     sequences = len(prompts) * req.n
     limit = service.config.max_queue + service.slots

@@ -29,6 +29,9 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.occupancy = Histogram("gptexport_batch_occupancy", "Running sequences in each decode step",
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.drafted = Counter("gptexport_speculative_draft_tokens", "Prompt-lookup drafts checked", registry=r)
+        self.accepted = Counter("gptexport_speculative_accepted_tokens", "Prompt-lookup drafts accepted",
+                                registry=r)
         Gauge("gptexport_queue_depth", "Sequences waiting for a slot", registry=r).set_function(
             lambda: service.queue_depth)
         Gauge("gptexport_running_sequences", "Sequences holding a slot", registry=r).set_function(
@@ -45,6 +48,10 @@ class Metrics:
 
     def step(self, running: int) -> None:
         self.occupancy.observe(running)
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..speculative import DEFAULT_LOOKUP_TOKENS, MAX_SPECULATIVE_TOKENS, PROMPT_LOOKUP
+
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 16
 MAX_LOGPROBS = 5  # as OpenAI's completions endpoint
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
 SEED_LIMIT = 2 ** 63
+SPECULATIVE = (PROMPT_LOOKUP,)  # a request's speculative methods (a draft model would be the server's: none yet)
 
 
 class ApiError(Exception):
@@ -76,6 +79,7 @@ class CompletionRequest:
     echo: bool = False
     stop: list = field(default_factory=list)
     seed: int | None = None
+    speculative_tokens: int = 0  # "speculative": "prompt_lookup" -> K (num_speculative_tokens, default 10)
 
 
 def _get(body: dict, name: str, check, accepted: str, default):
@@ -132,6 +136,7 @@ def parse_completion(body, model_name: str) -> CompletionRequest:
                            "drop one of them")
     req.stop = _stops(body.get("stop"))
     req.seed = _get(body, "seed", lambda v: _is_int(v) and 0 <= v < SEED_LIMIT, "an integer in [0, 2**63)", None)
+    req.speculative_tokens = _speculative(body)
     _unsupported(body, req.n)
     return req
 
@@ -153,6 +158,19 @@ def _prompts(prompt) -> list:
     if isinstance(prompt, list) and not prompt:
         raise _bad("prompt", "prompt is empty")
     raise _bad("prompt", f"prompt must be {accepted}, got {_short(prompt)}")
+
+
+def _speculative(body: dict) -> int:
+    """The extension `speculative` ("prompt_lookup") with `num_speculative_tokens` -> K, or 0 when off."""
+    method = _get(body, "speculative", lambda v: v in SPECULATIVE,
+                  " or ".join(repr(m) for m in SPECULATIVE) + " (or null: off)", None)
+    k = _get(body, "num_speculative_tokens", lambda v: _is_int(v) and 1 <= v <= MAX_SPECULATIVE_TOKENS,
+             f"an integer in [1, {MAX_SPECULATIVE_TOKENS}]", None)
+    if method is None:
+        if k is not None:
+            raise _bad("num_speculative_tokens", "num_speculative_tokens needs speculative: 'prompt_lookup'")
+        return 0
+    return DEFAULT_LOOKUP_TOKENS if k is None else k
 
 
 def _stops(stop) -> list:

@@ -67,12 +67,92 @@ def test_shared_buffer_layout_rewinds_and_equals_plain(models):
     for prompt in PROMPTS:
         assert_same_tokens(shared, prompt, "prompt_lookup", 4, max_new_tokens=NEW)
     assert_same_tokens(shared, PROMPTS[1], str(draft_dir), 3, max_new_tokens=NEW)
-    # a batch of prompts runs one at a time (GroupQueryAttention takes several new tokens at batch 1 only)
     assert_same_tokens(shared, PROMPTS, "prompt_lookup", 4, max_new_tokens=NEW, max_batch_size=1)
-    with pytest.raises(GenerationError, match="one prompt at a time"):
-        shared.generate(PROMPTS, max_new_tokens=4, speculative="prompt_lookup")
     # the shared draft model with a batch feeds its catch-up tokens one step at a time
     assert_same_tokens(model, PROMPTS, str(shared_dir), 3, max_new_tokens=NEW)
+
+
+# left-padded: four lengths; the last ends early on its eos (a finished row is no longer run, row by row)
+BATCH = PROMPTS + ["x"]
+
+
+@pytest.fixture
+def every_row_drafts(monkeypatch):
+    """A shared_buffer batch drafts on every row every round (whether that pays is timed, so not testable)."""
+    monkeypatch.setattr(spec._RowSchedule, "_pays", lambda self, on: bool(on))
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_shared_buffer_batch_checks_row_by_row_and_equals_plain(models, every_row_drafts, k):
+    """GroupQueryAttention takes several new tokens after a past at batch 1 only: a shared_buffer batch checks its
+    drafts row by row on each row of the in-place cache, with per-row lengths; the tokens are plain greedy's."""
+    _, draft_dir, shared, shared_dir = models
+    stats = assert_same_tokens(shared, BATCH, "prompt_lookup", k, max_new_tokens=NEW)
+    assert stats.drafted > 0 and 0 < stats.accepted <= stats.drafted, stats
+    for draft in (str(draft_dir), str(shared_dir)):  # both layouts as the draft
+        assert_same_tokens(shared, BATCH, draft, k, max_new_tokens=NEW)
+    eos = shared.generate(BATCH[3], max_new_tokens=NEW, return_tokens=True)[1][3]
+    assert_same_tokens(shared, BATCH, "prompt_lookup", k, max_new_tokens=NEW, eos_token_id=eos)
+    assert_same_tokens(shared, BATCH, "prompt_lookup", k, max_new_tokens=NEW, repetition_penalty=1.3)
+
+
+def test_shared_buffer_batch_schedule_as_measured_equals_plain(models):
+    """The real schedule (rows draft when it is measured to pay; a draft model probes one row at a time)."""
+    _, draft_dir, shared, _ = models
+    for source in ("prompt_lookup", str(draft_dir)):
+        assert_same_tokens(shared, BATCH, source, 4, max_new_tokens=NEW)
+
+
+def test_row_schedule_drafts_every_row_only_when_it_pays():
+    s = spec._RowSchedule(6, 3, shadowed=True)
+    assert s.rows([True] * 3) == []  # nothing known: a plain step (which times one)
+    s.observe(0.0, 0.010, True, 0, {0: 7, 1: 7}, [True] * 3)
+    assert s.rows([True] * 3) == []  # row 2's gain is unknown
+    s.observe(0.0, 0.010, True, 0, {2: 3}, [True] * 3)  # 3 calls of ~a step each for 3 tokens: it pays
+    assert s.rows([True] * 3) == [0, 1, 2]
+    s.observe(0.0, 0.060, False, 3, {0: 2, 1: 2, 2: 2}, [True] * 3)  # 20 ms a row call, 2 tokens each: no
+    assert s.rows([True] * 3) == [] and s.wait > 0
+    assert s.rows([True, False, False]) == [0]  # row 0 alone: 20 ms for its 4.5 tokens (mean of 7 and 2) pays
+    probe = spec._RowSchedule(6, 3, shadowed=False)  # a draft model: gains are known by checking, one row
+    assert probe.rows([True] * 3) == []  # the first round is a plain step: it times one
+    probe.observe(0.0, 0.010, True, 0, {}, [True] * 3)
+    assert [probe.rows([True, False, True]) for _ in range(2)] == [[2], [0]]  # live rows in turn
+
+
+def test_prompt_lookup_shadow_measures_what_a_round_would_accept():
+    lookup = spec.PromptLookup([[1, 2, 3, 1, 2], [4, 5, 6]])
+    lookup.shadow(3, [0, 1])  # row 0 would draft 3, 1, 2; row 1 has nothing to draft
+    lookup.accepted([[3], [7]])
+    assert lookup.take_gains() == {}  # undecided: one of three matched so far
+    lookup.accepted([[1], [7]])
+    lookup.accepted([[9], [7]])  # a mismatch at the third: a round would have emitted 1 + 2
+    assert lookup.take_gains() == {0: 3} and lookup.take_gains() == {}
+
+
+def test_shared_buffer_row_by_row_writes_only_its_row(models):
+    """A row's check (bound by pointer to its row of the buffers) leaves the other rows' cache bytes as they were,
+    and its rejected positions are dropped from its length only."""
+    _, _, shared, _ = models
+    decoder = shared.decoder
+    tape = spec._Tape(decoder, 3, 64, shared.max_positions)
+    ids, mask = shared._left_pad([runtime.model._Row(prompt=p) for p in ([5, 6, 7], [8, 9], [1, 2, 3, 4])])
+    tape.prefill(ids, mask)
+    before = {name: buffer.numpy().copy() for name, buffer in tape.cache.buffers.items()}
+    feed = np.array([[7, 7, 7, 7], [1, 0, 0, 0], [4, 4, 0, 0]])  # row 1 has no drafts
+    logits = tape.extend(feed, [4, 1, 2], live=[True, False, True])
+    assert logits.shape[:2] == (3, 4)
+    for name, buffer in tape.cache.buffers.items():
+        after = buffer.numpy()
+        np.testing.assert_array_equal(after[1], before[name][1], err_msg=f"{name}: row 1 was written")
+        assert not np.array_equal(after[0, :, 3:7], before[name][0, :, 3:7]), f"{name}: row 0 not written"
+    tape.keep([2, 1, 1])
+    assert tape.cache.lengths.tolist() == [5, 0, 5]  # row 1 was not run: its cache is scratch now
+    assert tape.real.tolist() == [5, 3, 5]
+    # one drafting row of three: every row's first token in one batched step, then row 0's drafts alone
+    logits = tape.extend(np.array([[3, 3, 3], [0, 0, 0], [2, 0, 0]]), [3, 1, 1], live=[True, False, True])
+    assert tape.fed.tolist() == [3, 1, 1] and np.abs(logits[0, 2]).sum() > 0
+    tape.keep([3, 1, 1])
+    assert tape.cache.lengths.tolist() == [8, 1, 6]
 
 
 def test_endings_stops_and_processors_equal_plain(models):
@@ -243,3 +323,24 @@ def test_sampled_text_has_plain_sampling_distribution(models, plain_runs, source
         probs = {k: v / (len(a) + len(b)) for k, v in Counter(a + b).items()}  # pooled, for the bins
         statistic, df, pvalue = two_sample(a, b, probs)
         assert pvalue > ALPHA, f"{source} {what}: chi-square {statistic:.1f} on {df} df, p={pvalue:.2g}"
+
+
+def test_shared_buffer_batch_sampling_has_plain_distribution(models, every_row_drafts):
+    """The acceptance rule on a shared_buffer batch checked row by row: row 0 of a left-padded pair, speculative,
+    against plain sampling of its prompt alone (the 4th token and the (t3, t4) pairs)."""
+    _, _, shared, _ = models
+    settings = {**SAMPLED, "max_new_tokens": 4, "min_new_tokens": 4}
+    plain, runs, drafted = [], [], 0
+    for seed in range(N_RUNS):
+        plain.append(tuple(shared.generate(PROMPTS[0], seed=seed, return_result=True, **settings)
+                           .completions[0].tokens))
+        result = shared.generate([PROMPTS[0], PROMPTS[2]], seed=seed, return_result=True,
+                                 speculative="prompt_lookup", num_speculative_tokens=2, **settings)
+        runs.append(tuple(result.completions[0].tokens))
+        drafted += result.stats.drafted
+    assert drafted > N_RUNS // 4  # the rule was exercised
+    for what, key in (("fourth token", lambda t: t[3]), ("pair", lambda t: t[2:])):
+        a, b = [key(t) for t in plain], [key(t) for t in runs]
+        probs = {k: v / (len(a) + len(b)) for k, v in Counter(a + b).items()}
+        statistic, df, pvalue = two_sample(a, b, probs)
+        assert pvalue > ALPHA, f"shared_buffer batch {what}: chi-square {statistic:.1f} on {df} df, p={pvalue:.2g}"

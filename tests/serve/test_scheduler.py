@@ -25,9 +25,9 @@ def model(request, serve_artifacts):
     return runtime.load(shared if request.param == "shared" else concat)
 
 
-def _run(scheduler, model, cases, together=False):
+def _run(scheduler, model, cases, together=False, seqs=None):
     results, done = [None] * len(cases), threading.Semaphore(0)
-    seqs = []
+    seqs = [] if seqs is None else seqs
     for i, (prompt, kwargs) in enumerate(cases):
         params = SamplingParams.create(kwargs["max_new_tokens"], 0, kwargs.get("do_sample", False),
                                        kwargs.get("temperature", 1.0), kwargs.get("top_k", 0))
@@ -40,7 +40,8 @@ def _run(scheduler, model, cases, together=False):
                 done.release()
 
         seqs.append(Sequence(model.tokenizer.encode(prompt).ids, params, kwargs.get("stop", []),
-                             kwargs.get("seed"), model.eos_token_id, on_update=on_update))
+                             kwargs.get("seed"), model.eos_token_id, on_update=on_update,
+                             speculative_tokens=kwargs.get("speculative_tokens", 0)))
     if together:  # one request of many choices: admitted at once, prefilled together
         scheduler.submit(seqs)
     for seq in seqs if not together else ():  # one by one: later ones join a running batch
@@ -70,6 +71,39 @@ def test_joining_and_leaving_sequences_each_give_what_they_give_alone(model):
         assert error is None and text == model.generate(prompt, **kwargs), (prompt, kwargs)
         assert reason in ("stop", "length")
     assert scheduler.steps < sum(k["max_new_tokens"] for _, k in cases)  # sequences really shared steps
+
+
+# text the tiny random model loops on, so prompt-lookup drafts are accepted and rejected both
+LOOPING = ["Hello world, hello world, hello world", "a b c d a b c d a b", "The cat sat on the mat. The cat"]
+
+
+def test_speculating_sequences_give_what_they_give_alone_among_plain_ones(model):
+    """Prompt lookup per sequence (it checks its drafts in its own batch-1 call on its slot, between the batched
+    steps of the others): greedy ones give plain greedy's text alone; everyone else is unchanged."""
+    scheduler = Scheduler(model, make_slots(model.decoder, 4, 96), max_queue=32)
+    scheduler.start()
+    cases = []
+    for i in range(10):
+        kwargs = {"max_new_tokens": 8 + 3 * i, "do_sample": i % 3 == 2, "temperature": 1.2, "seed": i, "top_k": 10}
+        if i % 3 != 1:
+            kwargs["speculative_tokens"] = (1, 4, 10)[i % 3]
+        if i == 4:
+            kwargs["stop"] = ["world"]
+        cases.append((LOOPING[i % 3], kwargs))
+    seqs = []
+    try:
+        results = _run(scheduler, model, cases, seqs=seqs)
+    finally:
+        scheduler.close()
+    for (prompt, kwargs), (text, reason, error), seq in zip(cases, results, seqs):
+        assert error is None and reason in ("stop", "length"), (prompt, kwargs, error)
+        k = kwargs.pop("speculative_tokens", 0)
+        if not kwargs["do_sample"]:  # sampling draws differently (same distribution: tests/runtime_decoding)
+            assert text == model.generate(prompt, **kwargs), (prompt, kwargs, k)
+        assert seq.generated == len(seq.row.tokens) <= kwargs["max_new_tokens"]
+    speculated = [seq for (_, kwargs), seq in zip(cases, seqs) if seq.lookup is not None]
+    assert sum(s.drafted for s in speculated) > 0 and 0 < sum(s.accepted for s in speculated)
+    assert all(s.drafted == 0 for s in seqs if s.lookup is None)
 
 
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(model):

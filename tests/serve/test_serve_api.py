@@ -76,7 +76,8 @@ def _alone(model, case) -> str:
 
 def _create(api: openai.OpenAI, case: dict, **kwargs):
     extra = {k: case[k] for k in ("top_k", "repetition_penalty", "min_tokens") if k in case}
-    standard = {k: v for k, v in case.items() if k not in extra}
+    standard = {k: v for k, v in case.items() if k not in extra and k != "extra"}
+    extra.update(case.get("extra", {}))  # our extensions (e.g. speculative)
     return api.completions.create(model=NAME, extra_body=extra or None, **standard, **kwargs)
 
 
@@ -95,6 +96,46 @@ def test_concurrent_mixed_requests_give_what_each_gives_alone(served_any):
             assert result.usage.completion_tokens == case["max_tokens"]
     metrics = httpx.get(server.url + "/metrics").text
     assert "gptexport_batch_occupancy_bucket" in metrics
+
+
+LOOPING = ["Hello world, hello world, hello world", "a b c d a b c d a b", "The cat sat on the mat. The cat"]
+
+
+def test_speculative_requests_give_what_each_gives_alone_among_plain_ones(served):
+    """`"speculative": "prompt_lookup"`: greedy requests give runtime.generate's plain text, streamed or not,
+    while plain requests run beside them; drafts are checked and accepted (the metrics count them)."""
+    server, model = served
+    api = client(server)
+    before = _speculative_counts(server)
+    spec = [{"prompt": LOOPING[i % 3], "max_tokens": 12 + 4 * i, "temperature": 0,
+             "extra": {"speculative": "prompt_lookup", **({"num_speculative_tokens": i + 1} if i % 2 else {})}}
+            for i in range(6)]
+    cases = spec + _cases()[:6]
+    streamed = {1, 4}
+
+    def run(i_case):
+        i, case = i_case
+        if i in streamed:
+            return "".join(c.choices[0].text for c in _create(api, case, stream=True))
+        return _create(api, case).choices[0].text
+
+    with ThreadPoolExecutor(8) as pool:
+        texts = list(pool.map(run, enumerate(cases)))
+    for case, text in zip(cases, texts):
+        assert text == _alone(model, case), case
+    drafted, accepted = (after - b for after, b in zip(_speculative_counts(server), before))
+    assert drafted > 0 and 0 < accepted <= drafted, (drafted, accepted)
+    sampled = _create(api, {"prompt": LOOPING[0], "max_tokens": 16, "temperature": 1.0, "seed": 3,
+                            "extra": {"speculative": "prompt_lookup"}})
+    assert sampled.choices[0].finish_reason == "length" and sampled.usage.completion_tokens == 16
+
+
+def _speculative_counts(server) -> tuple:
+    metrics = httpx.get(server.url + "/metrics").text
+    value = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith("gptexport_speculative_")}
+    return (value.get("gptexport_speculative_draft_tokens_total", 0.0),
+            value.get("gptexport_speculative_accepted_tokens_total", 0.0))
 
 
 def test_streams_concurrently_give_the_pieces_of_model_stream(served_any):
@@ -218,6 +259,15 @@ BAD = [  # (body or raw bytes, status, param, words in the message)
     ({"model": NAME, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ({"model": NAME, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ({"model": NAME, "prompt": "\ud800"}, 400, "prompt", "UTF-8"),
+    ({"model": NAME, "prompt": "hi", "speculative": "medusa"}, 400, "speculative", "'medusa'"),
+    ({"model": NAME, "prompt": "hi", "speculative": "/tmp/draft"}, 400, "speculative", "'prompt_lookup'"),
+    ({"model": NAME, "prompt": "hi", "speculative": "prompt_lookup", "num_speculative_tokens": 0}, 400,
+     "num_speculative_tokens", "[1, 64]"),
+    ({"model": NAME, "prompt": "hi", "speculative": "prompt_lookup", "num_speculative_tokens": 65}, 400,
+     "num_speculative_tokens", "65"),
+    ({"model": NAME, "prompt": "hi", "speculative": "prompt_lookup", "num_speculative_tokens": True}, 400,
+     "num_speculative_tokens", "True"),
+    ({"model": NAME, "prompt": "hi", "num_speculative_tokens": 4}, 400, "num_speculative_tokens", "needs"),
 ]
 
 
