@@ -106,6 +106,34 @@ def test_speculating_sequences_give_what_they_give_alone_among_plain_ones(model)
     assert all(s.drafted == 0 for s in seqs if s.lookup is None)
 
 
+def test_speculating_sampled_sequences_have_plain_sampling_distribution(model):
+    """The acceptance rule in the scheduler's own round: seeded speculative sequences of 4 tokens against plain
+    sampling of the same prompt (runtime.generate), the 4th token and the (t3, t4) pairs by two-sample chi-square."""
+    from collections import Counter
+
+    from runtime_decoding.test_sampling_distribution import ALPHA, two_sample
+
+    runs = 120
+    scheduler = Scheduler(model, make_slots(model.decoder, 8, 64), max_queue=runs)
+    settings = {"max_new_tokens": 4, "do_sample": True, "temperature": 0.1, "top_k": 8}
+    cases = [(LOOPING[0], {**settings, "seed": 10_000 + i, "speculative_tokens": 2}) for i in range(runs)]
+    seqs = []
+    scheduler.start()
+    try:
+        _run(scheduler, model, cases, together=True, seqs=seqs)
+    finally:
+        scheduler.close()
+    assert sum(s.drafted for s in seqs) > runs // 4  # the rule was exercised
+    plain = [tuple(model.generate(LOOPING[0], seed=i, return_tokens=True, **settings)[1])
+             for i in range(runs)]
+    spec = [tuple(s.row.tokens) for s in seqs]
+    for what, key in (("fourth token", lambda t: t[3]), ("pair", lambda t: t[2:])):
+        a, b = [key(t) for t in plain if len(t) == 4], [key(t) for t in spec if len(t) == 4]
+        probs = {k: v / (len(a) + len(b)) for k, v in Counter(a + b).items()}
+        statistic, df, pvalue = two_sample(a, b, probs)
+        assert pvalue > ALPHA, f"{what}: chi-square {statistic:.1f} on {df} df, p={pvalue:.2g}"
+
+
 def test_cancel_frees_the_slot_and_the_queue_is_bounded(model):
     scheduler = Scheduler(model, make_slots(model.decoder, 1, 64), max_queue=1, step_delay=0.02)
     scheduler.start()
