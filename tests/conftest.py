@@ -91,17 +91,18 @@ def hf_model():
 
 @pytest.fixture(scope="session")
 def head_export(tmp_path_factory):
-    """(arch, task[, dtype]) -> (artifact dir, transformers model, manifest) of tests/heads_models.py; each
+    """(arch, task[, dtype, int8_kernel]) -> (artifact dir, transformers model, manifest) of tests/heads_models.py; each
     exported once, lazily (issue 14's tasks beyond text generation)."""
     from heads_models import export_head
 
     cache = {}
 
-    def get(arch: str, task: str, dtype: str = "float32"):
-        if (arch, task, dtype) not in cache:
-            root = tmp_path_factory.mktemp(f"{arch}-{task}-{dtype}")
-            cache[(arch, task, dtype)] = export_head(root, arch, task, dtype)
-        return cache[(arch, task, dtype)]
+    def get(arch: str, task: str, dtype: str = "float32", int8_kernel: str = "nbits"):
+        key = (arch, task, dtype, int8_kernel)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{arch}-{task}-{dtype}-{int8_kernel}")
+            cache[key] = export_head(root, arch, task, dtype, int8_kernel)
+        return cache[key]
 
     return get
 

@@ -43,7 +43,7 @@ def save_checkpoint(directory, arch: str, class_name: str, seed: int = 0, **over
     return model
 
 
-def export_head(root, arch: str, task: str, dtype: str = "float32"):
+def export_head(root, arch: str, task: str, dtype: str = "float32", int8_kernel: str = "nbits"):
     """Save the tiny checkpoint of (arch, task) under `root` and export it.
 
     Returns:
@@ -56,6 +56,7 @@ def export_head(root, arch: str, task: str, dtype: str = "float32"):
     ckpt = root / "checkpoint"
     ckpt.mkdir()
     save_checkpoint(ckpt, arch, CLASSES[(arch, task)])
-    result = export(ExportOptions(model=str(ckpt), output=str(root / "artifact"), dtype=dtype))
+    result = export(ExportOptions(model=str(ckpt), output=str(root / "artifact"), dtype=dtype,
+                                  int8_kernel=int8_kernel))
     model = getattr(transformers, CLASSES[(arch, task)]).from_pretrained(str(ckpt), attn_implementation="eager")
     return result.output, model.eval(), result.manifest

@@ -283,6 +283,23 @@ def test_precisions_apply_to_heads(head_export, dtype):
         assert np.abs(got - hidden).max() / hidden.std() < HEAD_LIMITS[dtype]["max_abs_diff_over_std"]
 
 
+@pytest.mark.parametrize("kernel,invariant", [("token", True), ("dynamic", False)])
+def test_int8_kernels_on_heads_batched_against_alone(head_export, kernel, invariant):
+    """The token kernel (activations per token) gives each text the same scores batched or alone, bit for bit, as
+    the default does; the per-tensor dynamic kernel does not (the negative case)."""
+    from gptexport import runtime
+
+    artifact, model, manifest = head_export("gpt2", "text-classification", "int8", kernel)
+    assert manifest["validation"]["passed"], manifest["validation"]["failed_checks"]
+    rows = [_tokenizer(artifact).encode(t).ids for t in TEXTS]
+    probs = _softmax(_hf(model, rows)[0].logits.numpy())
+    together = runtime.classify(artifact, TEXTS)
+    assert [g["label"] for g in together] == [f"LABEL_{i}" for i in probs.argmax(-1)]
+    alone = [runtime.classify(artifact, [text])[0] for text in TEXTS]
+    same = [a["scores"] == t["scores"] for a, t in zip(alone, together)]
+    assert all(same) if invariant else not all(same), (kernel, same)
+
+
 # ---- wrong artifact, bad input -----------------------------------------------------------------------------------
 
 def test_generation_and_heads_refuse_each_other(head_export, tmp_path):
