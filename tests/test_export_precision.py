@@ -110,3 +110,15 @@ def test_int8_artifact_row_alone_equals_row_in_a_batch(tiny_export, kernel, inva
         np.testing.assert_array_equal(alone, together, err_msg=f"{kernel}: a row's logits moved with its batch")
     else:
         assert not np.array_equal(alone, together), f"{kernel}: expected batch-dependent logits"
+
+
+@pytest.mark.parametrize("kernel", ["token", "dynamic"])
+def test_validate_reads_the_int8_kernel_back_from_the_manifest(tiny_export, kernel):
+    """`gptexport validate` re-exports with the options the manifest records: the same int8 kernel."""
+    from gptexport.exporter.revalidate import options_of
+
+    _, _, m = tiny_export("gpt2", dtype="int8", int8_kernel=kernel)
+    opts = options_of(m)
+    assert (opts.dtype, opts.int8_kernel) == ("int8", kernel)
+    if kernel == "token":
+        assert opts.quant_method == "gptq"  # the export default, read back from the manifest's words
