@@ -13,7 +13,7 @@ Kernels (graphs/precision/quantize.py, `gptexport --int8 --int8-kernel K`):
     fp32     MatMul, the reference
 
 `shapes` builds each shape's one-MatMul graph with the quantization pass itself (so `token` includes the nodes it
-adds) and prints microseconds per call, best of --repeats rounds, the kernels interleaved. `steps` times decode
+adds) and prints microseconds per call, best of --repeats rounds (bench/nbits_shapes.py's timing). `steps` times decode
 steps (a 4-token prompt, then 16 one-token steps per round) and one prefill of --prefill tokens for shared_buffer
 artifacts, in-process, the artifacts alternating A B A B over --rounds, medians. `run` is one fixed job per
 process for whole-process A/B pairs (alternate two commands, A B A B, over fresh processes). The machine may be
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/nbits_shapes.py
 
 SHAPES = [("attn.c_attn", 768, 2304), ("attn.c_proj", 768, 768), ("mlp.c_fc", 768, 3072),
           ("mlp.c_proj", 3072, 768), ("lm_head", 768, 50257)]
@@ -40,7 +41,7 @@ KERNELS = ("nbits", "token", "dynamic", "fp32")
 
 
 def one_matmul(k: int, n: int, kernel: str) -> bytes:
-    """x (1, M, K) @ W (K, N) + b as our export writes it for `kernel` (weights: seeded, round to nearest)."""
+    """x (M, K) @ W (K, N) + b as our export writes it for `kernel` (weights: seeded, round to nearest)."""
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
@@ -51,8 +52,8 @@ def one_matmul(k: int, n: int, kernel: str) -> bytes:
     b = (rng.standard_normal(n) * 0.1).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"], name="/MatMul"),
                                helper.make_node("Add", ["m", "b"], ["y"], name="/Add")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n])],
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
     if kernel != "fp32":
@@ -60,22 +61,11 @@ def one_matmul(k: int, n: int, kernel: str) -> bytes:
     return ir.to_proto(model).SerializeToString()
 
 
-def time_call(session, x: np.ndarray, calls: int, repeats: int) -> float:
-    session.run(None, {"x": x})
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            session.run(None, {"x": x})
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e6
-
-
 def shapes(args) -> None:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    from nbits_shapes import time_model  # one session per (shape, M), best of --repeats rounds
+
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, load {_load()}; µs per call, best of "
           f"{args.repeats} rounds\n")
     print("| shape (K x N) | M | " + " | ".join(args.kernels) + " | " +
@@ -84,12 +74,11 @@ def shapes(args) -> None:
     for name, k, n in SHAPES:
         if name not in args.shapes:
             continue
-        sessions = {kernel: ort.InferenceSession(one_matmul(k, n, kernel), options,
-                                                 providers=["CPUExecutionProvider"]) for kernel in args.kernels}
+        models = {kernel: one_matmul(k, n, kernel) for kernel in args.kernels}
         for m in args.m:
-            x = np.random.default_rng(1).standard_normal((1, m, k)).astype(np.float32)
             calls = max(3, min(50, int(2e8 / (m * k * n))))
-            cells = {kernel: time_call(sessions[kernel], x, calls, args.repeats) for kernel in args.kernels}
+            cells = {kernel: time_model(models[kernel], m, k, args.threads, calls, args.repeats)
+                     for kernel in args.kernels}
             ratios = [f"{cells['nbits'] / cells[kr]:.2f}" for kr in args.kernels if kr != "nbits" and "nbits" in cells]
             print(f"| {name} ({k} x {n}) | {m} | " + " | ".join(f"{cells[kr]:.0f}" for kr in args.kernels) + " | "
                   + " | ".join(ratios) + " |", flush=True)
