@@ -303,7 +303,10 @@ class Scheduler:
         seqs, speculating = [], []
         for seq in self._running.values():
             drafts = seq.drafts()
-            (speculating.append((seq, drafts)) if drafts else seqs.append(seq))
+            if drafts:
+                speculating.append((seq, drafts))
+            else:
+                seqs.append(seq)
         if seqs:
             self._step(seqs)
         for seq, drafts in speculating:

@@ -60,7 +60,7 @@ DEFAULT_SPECULATIVE_TOKENS = 5  # K with a draft model (transformers' assisted g
 DEFAULT_LOOKUP_TOKENS = 10  # K with prompt lookup, whose drafts cost nothing (transformers' default is 10 too)
 MAX_SPECULATIVE_TOKENS = 64
 NGRAM_SIZES = (3, 2, 1)  # prompt lookup: the longest suffix of the text that occurred before wins
-MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing (and between two probes)
+MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing
 
 
 # -- drafts ------------------------------------------------------------------------------------------------------
@@ -248,7 +248,11 @@ class _Tape:
         self.batched, self.row_calls = True, 0
         if self.rowwise and width > 1 and all_logits:  # GroupQueryAttention: several new tokens at batch 1 only
             logits = self._extend_rows(tokens, positions, np.asarray(counts, dtype=np.int64), live)
-        elif self.rowwise and width > 1:  # a draft's catch-up (mostly 1 column): one-token batched steps
+        elif self.rowwise and width > 1 and width > _row_calls(np.asarray(counts), batch):
+            # a draft's catch-up of many columns (after plain steps): fewer calls row by row
+            logits = self._extend_rows(tokens, positions, np.asarray(counts, dtype=np.int64), live)
+            logits = logits[np.arange(batch), last][:, None, :]  # (B, 1, V)
+        elif self.rowwise and width > 1:  # a draft's catch-up of a few columns: one-token batched steps
             logits = np.stack([_shared_extend(self.decoder, self.cache, tokens[:, j:j + 1], positions[:, j:j + 1],
                                               np.zeros(batch, dtype=np.int64))[:, 0] for j in range(width)], axis=1)
             logits = logits[np.arange(batch), last][:, None, :]  # (B, 1, V)
@@ -274,7 +278,7 @@ class _Tape:
         drafting = np.flatnonzero(live & (counts > 1))
         logits, start = None, 0
         self.fed[:] = 0
-        self.batched = len(drafting) <= batch - 2
+        self.batched = 1 + len(drafting) < int(live.sum())  # fewer calls than one per live row
         if self.batched:  # 1 + R calls beat one per live row: every t in one batched step first
             first = _shared_extend(self.decoder, self.cache, tokens[:, :1], positions[:, :1],
                                    np.zeros(batch, dtype=np.int64))  # (B, 1, V)
@@ -324,6 +328,12 @@ class _Tape:
             self.mask = self.mask[:, :columns].copy()
         for b, n in enumerate(kept.tolist()):
             self.mask[b, before + n:] = 0
+
+
+def _row_calls(counts: np.ndarray, batch: int) -> int:
+    """Calls `_Tape._extend_rows` makes for every row: a batched step then one per row of several tokens, or one
+    per row, whichever is fewer."""
+    return min(1 + int((counts > 1).sum()), batch)
 
 
 def _shared_extend(decoder, cache: SharedKVCache, tokens: np.ndarray, positions: np.ndarray,
@@ -433,9 +443,10 @@ class _RowSchedule(_Schedule):
     tokens row b emits in a round (1 + accepted). All are running means timed in this run: step_s over plain
     steps, row_s over checked rows, gain[b] over row b's rounds and, with prompt lookup, over drafts made but not
     checked during plain steps (`PromptLookup.shadow`, free), so such a batch speculates from the first round
-    that pays and never pays a call to learn that none does. A draft model's gains are known only by checking:
-    one row probes (rows in turn, in a round that steps the others batched), with 2, 4 .. MAX_PAUSE plain steps
-    between probes while no round pays.
+    that pays and never pays a call to learn that none does. A draft model's gains are known only by checking,
+    and its drafts cost steps of its own (and, after plain steps, feeding it what it missed): one row probes
+    (in a round that steps the others batched), the rows not checked yet are taken to gain what the checked
+    ones did, and once a probe or round finds that speculation does not pay, the batch decodes plainly to the end.
     """
 
     def __init__(self, k_max: int, batch: int, shadowed: bool):
@@ -446,11 +457,14 @@ class _RowSchedule(_Schedule):
         self.gain = [None] * batch  # per row: tokens a drafting round emits (1 + accepted), a running mean
         self.shadowed = shadowed  # prompt lookup: gains come from unchecked drafts too (`PromptLookup.shadow`)
         self.turn = 0  # the next row to probe (a draft model)
+        self.off = False  # a draft model found not to pay: plain decoding to the end
 
     def rows(self, live: list) -> list:
         """Rows that draft this round: every live one when that pays, else [] (a plain step) or one row (a
         probe, between pauses: a draft model, whose gains are known only by checking)."""
         on = [b for b, flag in enumerate(live) if flag]
+        if self.off:
+            return []
         if self._pays(on):
             return on
         if self.wait > 0 or self.shadowed:
@@ -465,6 +479,9 @@ class _RowSchedule(_Schedule):
         """Every live row drafting pays: the round (drafting + a call per row) takes at most the plain steps
         that emit what its slowest row emits."""
         gains = [self.gain[b] for b in on]
+        known = [g for g in gains if g is not None]
+        if not self.shadowed and known:  # a draft model: a row not checked yet gains what the checked ones did
+            gains = [sum(known) / len(known) if g is None else g for g in gains]
         if self.step_s is None or not on or None in gains:
             return False
         row_s = self.step_s if self.row_s is None else self.row_s  # until timed: a row's call ~ a plain step
@@ -483,8 +500,7 @@ class _RowSchedule(_Schedule):
         self.row_s = _mean(self.row_s, max(rest, 0.0) / row_calls)
         self.draft_s = _mean(self.draft_s, drafting)
         if not self._pays([b for b, flag in enumerate(live) if flag]):
-            self.pause = min(max(2, 2 * self.pause), MAX_PAUSE)
-            self.wait = self.pause
+            self.off = not self.shadowed
 
 
 def _mean(old, new: float) -> float:

@@ -111,12 +111,14 @@ def test_row_schedule_drafts_every_row_only_when_it_pays():
     s.observe(0.0, 0.010, True, 0, {2: 3}, [True] * 3)  # 3 calls of ~a step each for 3 tokens: it pays
     assert s.rows([True] * 3) == [0, 1, 2]
     s.observe(0.0, 0.060, False, 3, {0: 2, 1: 2, 2: 2}, [True] * 3)  # 20 ms a row call, 2 tokens each: no
-    assert s.rows([True] * 3) == [] and s.wait > 0
+    assert s.rows([True] * 3) == []
     assert s.rows([True, False, False]) == [0]  # row 0 alone: 20 ms for its 4.5 tokens (mean of 7 and 2) pays
     probe = spec._RowSchedule(6, 3, shadowed=False)  # a draft model: gains are known by checking, one row
     assert probe.rows([True] * 3) == []  # the first round is a plain step: it times one
     probe.observe(0.0, 0.010, True, 0, {}, [True] * 3)
     assert [probe.rows([True, False, True]) for _ in range(2)] == [[2], [0]]  # live rows in turn
+    probe.observe(0.0, 0.040, True, 1, {0: 2}, [True] * 3)  # 30 ms for 2 tokens a row, rows 1-2 taken alike
+    assert probe.off and probe.rows([True] * 3) == []  # a draft model that does not pay: plain to the end
 
 
 def test_prompt_lookup_shadow_measures_what_a_round_would_accept():
@@ -149,7 +151,7 @@ def test_shared_buffer_row_by_row_writes_only_its_row(models):
     assert tape.cache.lengths.tolist() == [5, 0, 5]  # row 1 was not run: its cache is scratch now
     assert tape.real.tolist() == [5, 3, 5]
     # one drafting row of three: every row's first token in one batched step, then row 0's drafts alone
-    logits = tape.extend(np.array([[3, 3, 3], [0, 0, 0], [2, 0, 0]]), [3, 1, 1], live=[True, False, True])
+    logits = tape.extend(np.array([[3, 3, 3], [0, 0, 0], [2, 0, 0]]), [3, 1, 1], live=[True, True, True])
     assert tape.fed.tolist() == [3, 1, 1] and np.abs(logits[0, 2]).sum() > 0
     tape.keep([3, 1, 1])
     assert tape.cache.lengths.tolist() == [8, 1, 6]
