@@ -39,7 +39,7 @@ class ExportOptions:
     kv_layout: str = "concat"  # one of KV_LAYOUTS
     # int8 / int4 (exporter/passes.py): block size along K, scale method, int8 kernel, MatMuls kept at 8 bits in
     # int4 (beyond the lm_head), calibration text files (none: the fp32 model's own samples)
-    block_size: int = 32
+    block_size: int | None = None  # None: the precision's default (passes.DEFAULT_BLOCK_SIZE: int4 128, int8 32)
     quant_method: str = "gptq"  # one of passes.QUANT_METHODS; a streamed model gets "search" (no Hessians)
     int8_kernel: str = "nbits"
     keep_8bit: tuple = ()
@@ -71,7 +71,7 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown kv layout {opts.kv_layout!r}; choose one of: {', '.join(KV_LAYOUTS)}")
     from .passes import BLOCK_SIZES, INT8_KERNELS, QUANT_METHODS
 
-    if opts.block_size not in BLOCK_SIZES:
+    if opts.block_size is not None and opts.block_size not in BLOCK_SIZES:
         raise ExportError(f"block size {opts.block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
     if opts.quant_method not in QUANT_METHODS:
         raise ExportError(f"unknown quantization method {opts.quant_method!r}; choose one of: "

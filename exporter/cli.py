@@ -141,8 +141,9 @@ def _version() -> str:
                    "other ONNX tools load). shared_buffer: GroupQueryAttention writing in place into one "
                    "preallocated buffer, logits at each row's last token only; the fastest for gptexport's own "
                    "runtime, not loadable by Optimum; needs fusion (not with --no-fuse).")
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
-              help="int8/int4: weights per scale along K.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="int8/int4: weights per scale along K (default: 128 for int4, 32 for int8; a MatMul with a "
+                   "smaller K gets the largest power of two that fits).")
 @click.option("--calibration", multiple=True, metavar="FILE",
               help="int8/int4: text file(s) whose activations weight the scale search (repeatable; default: text "
                    "the fp32 model samples itself).")
@@ -179,7 +180,8 @@ def cli(model, output, random_weights, seed, force, no_validate, external_data_t
     opts = ExportOptions(model=model, output=output, random_weights=random_weights, seed=seed, force=force,
                          validate=not no_validate, trust_remote_code=trust_remote_code, dtype=dtype,
                          fuse=not no_fuse, strict=strict, stream=stream, kv_layout=kv_layout,
-                         block_size=int(block_size), calibration=tuple(calibration), quant_method=quant_method,
+                         block_size=int(block_size) if block_size else None, calibration=tuple(calibration),
+                         quant_method=quant_method,
                          keep_8bit=tuple(keep_8bit), int8_kernel=int8_kernel,
                          validation_text=list(validation_text) or None, task=task, num_labels=num_labels)
     if external_data_threshold is not None:

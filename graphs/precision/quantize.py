@@ -197,6 +197,7 @@ def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool, s
 # ---- the passes -------------------------------------------------------------------------------------------------
 
 KERNELS = ("nbits", "token", "dynamic")
+MIN_BLOCK = 16  # the smallest MatMulNBits block: a MatMul with a smaller K stays float32
 LM_HEAD = "lm_head"  # a keep_8bit rule entry: the MatMul that computes the logits
 # How the codes and scales of a weight are chosen: nbits.py's round to nearest and weighted scale search, and
 # GPTQ (gptq.py: error compensation with each MatMul's calibration Hessian; the search where a MatMul has none).
@@ -213,6 +214,7 @@ class NBitsSummary:
     kept_float: dict[str, str] = field(default_factory=dict)  # node name -> the keep_float entry that matched
     calibrated: list[str] = field(default_factory=list)  # node names quantized with activation importance
     gptq: list[str] = field(default_factory=list)  # node names quantized by GPTQ (with their Hessian)
+    smaller_blocks: dict[str, int] = field(default_factory=dict)  # node name -> its block, where K < block_size
 
     def record(self) -> dict:
         counts = {b: sum(1 for v in self.bits.values() if v == b) for b in sorted(set(self.bits.values()))}
@@ -220,6 +222,8 @@ class NBitsSummary:
                "calibrated_matmuls": len(self.calibrated), "gptq_matmuls": len(self.gptq)}
         if self.kept_float:
             out["kept_float"] = dict(self.kept_float)
+        if self.smaller_blocks:
+            out["smaller_blocks"] = dict(self.smaller_blocks)
         return out
 
 
@@ -270,7 +274,8 @@ def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4
 
     Args:
         model: changed in place; float32 graph, unfused or fused.
-        block_size: weights per scale along K (power of two, >= 16).
+        block_size: weights per scale along K (power of two, >= 16); a MatMul whose K is smaller gets the largest
+            power of two <= K (recorded in summary.smaller_blocks), one with K < 16 is skipped.
         accuracy_level: MatMulNBits' compute type for A; 4 = int8, so the CPU uses int8 dot products.
         report: if given, filled with node name -> reason for every MatMul/Gemm not quantized.
         method: "search" (error-minimising scales, nbits.py), "rtn" (round to nearest) or "gptq" (gptq.py: error
@@ -332,13 +337,22 @@ def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance,
         how = "search" if method == "gptq" else method  # a MatMul without a Hessian: the weighted search
         if token:
             return lambda site: _token_nodes(model.graph, site, how, weights, hessian, quantized)
-        return lambda site: _nbits_node(model.graph, site, b, block_size, accuracy_level, how, weights, hessian)
+        bs = fitting_block(site.shape[0], block_size)
+        if bs != block_size:
+            summary.smaller_blocks[site.node.name] = bs
+        return lambda site: _nbits_node(model.graph, site, b, bs, accuracy_level, how, weights, hessian)
 
     quantized: dict = {}  # token kernel: activation -> its (codes, scales), shared by the MatMuls reading it
-    count = _quantize(model, rewriter, report, min_k=lambda site: 1 if token else block_size)
+    count = _quantize(model, rewriter, report, min_k=lambda site: 1 if token else MIN_BLOCK)
     if token and count:
         _require_opset(model, TOKEN_OPSET)
     return count
+
+
+def fitting_block(k: int, block_size: int) -> int:
+    """block_size, or for K below it the largest power of two <= K (K=64 at block 128: 64), so a narrow model's
+    MatMuls are quantized, not padded to half-empty blocks or left in float32."""
+    return block_size if k >= block_size else 1 << (k.bit_length() - 1)
 
 
 def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int, accuracy_level: int, method: str,

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from gptexport.graphs.precision import NBitsSummary, nbits, quantize_int4, quantize_int8, to_fp16
-from gptexport.graphs.precision.quantize import dequantize_int8, lm_head_node, quantize_int8_columns
+from gptexport.graphs.precision.quantize import dequantize_int8, fitting_block, lm_head_node, quantize_int8_columns
 
 RNG = np.random.default_rng(0)
 # Quantized kernels vs our numpy reference: our dequantized weights, and the activation quantized as the kernel
@@ -212,11 +212,23 @@ def test_no_logits_output_no_lm_head():
     assert summary.bits == {next(iter(summary.bits)): 4}
 
 
-def test_int4_skips_k_below_block_and_activation_b():
+def test_int4_k_below_block_gets_a_smaller_block():
+    model, w = _matmul_model(96, 32)  # K=96 at block 128: block 64, the second one half padding
+    summary = NBitsSummary()
+    assert quantize_int4(model, block_size=128, accuracy_level=0, summary=summary) == 1
+    node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert node.attributes["block_size"].value == 64 and list(summary.record()["smaller_blocks"].values()) == [64]
+    x = RNG.standard_normal((3, 96)).astype(np.float32)
+    want = x @ nbits.dequantize_blocks(*nbits.quantize_blocks(w, 4, 64, "search"), 4, 96)
+    _assert_close(_run(model, x=x), want, KERNEL_ATOL * (1 + np.abs(want).max()), "MatMulNBits")
+    assert fitting_block(4096, 128) == 128 and fitting_block(64, 128) == 64 and fitting_block(16, 32) == 16
+
+
+def test_int4_skips_k_below_smallest_block_and_activation_b():
     report = {}
-    small, _ = _matmul_model(16, 32)
+    small, _ = _matmul_model(8, 32)
     assert quantize_int4(small, block_size=32, report=report) == 0
-    assert "smaller than one block" in next(iter(report.values()))
+    assert "smaller than one block (16)" in next(iter(report.values()))
     report.clear()
     activation, _ = _matmul_model(64, 32, b_input=True)
     assert quantize_int4(activation, report=report) == 0
