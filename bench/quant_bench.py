@@ -127,6 +127,15 @@ def _default_rows(rows: dict, fp32: Path, work: Path, block: int, importance, he
     rows[f"int8 ours gptq b{block}"] = _ours(fp32, work / f"int8-gptq-b{block}", 8, block, "gptq", importance, (),
                                              hessians=hessians)
     rows[f"int8 ort-rtn b{block}"] = _ort(fp32, work / f"int8-ort-b{block}", 8, block)
+    _int8_equal_size_rows(rows, fp32, work, block, importance, hessians)
+
+
+def _int8_equal_size_rows(rows: dict, fp32: Path, work: Path, block: int, importance, hessians) -> None:
+    """int8 at equal size both ways: ours with the lm_head fp32 (the stock tool's size on GPT-2, whose tied lm_head it
+    leaves fp32), and the stock math (our RTN) with the lm_head at 8 bits (our default's size)."""
+    rows[f"int8 ours gptq lm_head fp32 b{block}"] = _ours(fp32, work / f"int8-gptq-lmf-b{block}", 8, block, "gptq",
+                                                          importance, (), hessians=hessians, keep_float=("lm_head",))
+    rows[f"int8 ours-rtn b{block}"] = _ours(fp32, work / f"int8-ours-rtn-b{block}", 8, block, "rtn", None, ())
 
 
 def _int8_rows(fp32: Path, work: Path, block: int, importance, hessians) -> dict:
@@ -220,6 +229,7 @@ def main() -> None:
                                                          None, ("lm_head",))
         rows[f"int8 ours gptq b{block}"] = _ours(fp32, work / f"int8-gptq-b{block}", 8, block, "gptq",
                                                  importance["self"], (), hessians=hessians["self"])
+        _int8_equal_size_rows(rows, fp32, work, block, importance["self"], hessians["self"])
     if args.rows == "all":
         rows["int8 dynamic (earlier int8)"] = _ours(fp32, work / "int8-dynamic", 8, 32, "rtn", None, (),
                                                     "dynamic")
