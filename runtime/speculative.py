@@ -467,6 +467,8 @@ class _RowSchedule(_Schedule):
             return []
         if self._pays(on):
             return on
+        if not self.shadowed and not self._could_pay(on):  # not even free drafts all accepted: no probe now
+            return []
         if self.wait > 0 or self.shadowed:
             self.wait = max(self.wait - 1, 0)
             return []
@@ -486,6 +488,14 @@ class _RowSchedule(_Schedule):
             return False
         row_s = self.step_s if self.row_s is None else self.row_s  # until timed: a row's call ~ a plain step
         return self.draft_s + len(on) * row_s <= self.step_s * min(gains)
+
+    def _could_pay(self, on: list) -> bool:
+        """The best case pays: drafts free and every one accepted (k_max + 1 tokens a row). A batch whose calls
+        row by row cost more than that many plain steps (live rows > k_max + 1 while a row's call ~ a step) cannot
+        gain from a draft model, so it is not probed (a probe costs a draft's K steps and a call for nothing) until
+        enough rows have finished."""
+        row_s = self.step_s if self.row_s is None else self.row_s
+        return self.step_s is None or len(on) * row_s <= self.step_s * (self.k_max + 1)
 
     def observe(self, drafting: float, checking: float, batched: bool, row_calls: int, gains: dict,
                 live: list) -> None:

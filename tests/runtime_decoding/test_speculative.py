@@ -119,6 +119,10 @@ def test_row_schedule_drafts_every_row_only_when_it_pays():
     assert [probe.rows([True, False, True]) for _ in range(2)] == [[2], [0]]  # live rows in turn
     probe.observe(0.0, 0.040, True, 1, {0: 2}, [True] * 3)  # 30 ms for 2 tokens a row, rows 1-2 taken alike
     assert probe.off and probe.rows([True] * 3) == []  # a draft model that does not pay: plain to the end
+    wide = spec._RowSchedule(5, 8, shadowed=False)  # 8 row calls of ~a step each for at most 6 tokens a row
+    wide.observe(0.0, 0.010, True, 0, {}, [True] * 8)
+    assert [wide.rows([True] * 8) for _ in range(3)] == [[]] * 3  # cannot pay even if all were accepted: no probe
+    assert [wide.rows([True] * 2 + [False] * 6) for _ in range(2)] == [[], [1]]  # 2 rows left: it could (after a wait)
 
 
 def test_prompt_lookup_shadow_measures_what_a_round_would_accept():
