@@ -29,8 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .session import Decoder
-
-INDEX_DIM = "batch_x_positions"  # graphs/shared_kv.py: logits_index lists several positions per row
+from .speculative import checks_drafts
 
 
 def cache_bytes(decoder: Decoder, slots: int, context: int) -> int:
@@ -138,8 +137,7 @@ class SlotCache:
     @property
     def speculates(self) -> bool:
         """The graph returns several positions' logits per row (`extend`): an export from this version."""
-        shape = next(i.shape for i in self.decoder.session.get_inputs() if i.name == "logits_index")
-        return shape == [INDEX_DIM]
+        return checks_drafts(self.decoder)
 
     def extend(self, slot: int, ids: list) -> np.ndarray:
         """Feed the sequence in `slot` several tokens in one run at batch 1 (speculative decoding's check: the

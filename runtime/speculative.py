@@ -391,13 +391,19 @@ def _bind_inputs(decoder, tokens, positions, lengths: np.ndarray, total: int, in
     return binding
 
 
-def _check_positions_index(decoder) -> None:
-    """A graph made before speculative decoding returns one position's logits per row: it cannot check drafts."""
+def checks_drafts(decoder) -> bool:
+    """Whether a shared_buffer graph returns several positions' logits per row (its logits_index is
+    `INDEX_DIM`-long), so that one call can check drafts. A graph made before speculative decoding returns one."""
     shape = decoder.__dict__.get("_logits_index_shape")
     if shape is None:
         shape = decoder._logits_index_shape = next(i.shape for i in decoder.session.get_inputs()
                                                    if i.name == "logits_index")
-    if shape != [INDEX_DIM]:
+    return shape == [INDEX_DIM]
+
+
+def _check_positions_index(decoder) -> None:
+    """A graph made before speculative decoding returns one position's logits per row: it cannot check drafts."""
+    if not checks_drafts(decoder):
         raise GenerationError("this shared_buffer artifact's graph returns one position's logits per row, "
                               "which cannot check drafts: re-export it with this gptexport, or use a concat "
                               "artifact")
@@ -486,16 +492,18 @@ class _RowSchedule(_Schedule):
             gains = [sum(known) / len(known) if g is None else g for g in gains]
         if self.step_s is None or not on or None in gains:
             return False
-        row_s = self.step_s if self.row_s is None else self.row_s  # until timed: a row's call ~ a plain step
-        return self.draft_s + len(on) * row_s <= self.step_s * min(gains)
+        return self.draft_s + len(on) * self._row_s() <= self.step_s * min(gains)
 
     def _could_pay(self, on: list) -> bool:
         """The best case pays: drafts free and every one accepted (k_max + 1 tokens a row). A batch whose calls
         row by row cost more than that many plain steps (live rows > k_max + 1 while a row's call ~ a step) cannot
         gain from a draft model, so it is not probed (a probe costs a draft's K steps and a call for nothing) until
         enough rows have finished."""
-        row_s = self.step_s if self.row_s is None else self.row_s
-        return self.step_s is None or len(on) * row_s <= self.step_s * (self.k_max + 1)
+        return self.step_s is None or len(on) * self._row_s() <= self.step_s * (self.k_max + 1)
+
+    def _row_s(self) -> float:
+        """A row's call, timed; until it is, a row's call ~ a plain step."""
+        return self.step_s if self.row_s is None else self.row_s
 
     def observe(self, drafting: float, checking: float, batched: bool, row_calls: int, gains: dict,
                 live: list) -> None:
