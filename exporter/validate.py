@@ -22,7 +22,7 @@ from .trace import FlatDecoder, example_inputs, input_names, output_names
 # Named limits per precision (distributions on text; logits in units of their spread; greedy tokens), measured on
 # trained checkpoints and explained in graphs/precision/__init__.py.
 from gptexport.graphs.precision import (LOGITS_ATOL, MIN_GREEDY_AGREEMENT, QUALITY_LIMITS,  # noqa: E402
-                                        TOP1_TIE_PROBABILITY)
+                                        RTN_MARGIN, TOP1_TIE_PROBABILITY, rtn_relative_limits)
 VALIDATION_PROMPTS = [
     "Hello world",
     "The quick brown fox jumps over the lazy dog because",
@@ -262,13 +262,43 @@ def distribution_check(model, artifact, rows: list[np.ndarray], tie_probability:
     """
     from gptexport.runtime.perplexity import window_logits
 
-    kls, agree, strict, nll_ref, nll_ours, count = [], 0, 0, 0.0, 0.0, 0
+    return _distribution(model, rows, tie_probability, lambda row: window_logits(artifact, row, len(row) - 1))
+
+
+def _torch_logits(model, row: np.ndarray) -> np.ndarray:
+    """(T-1, V) float32 logits of torch at the positions that predict a next token of `row`."""
+    with torch.no_grad():
+        ids = torch.as_tensor(row)[None]
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float().numpy()
+
+
+def rtn_check(model, rows: list[np.ndarray], tie_probability: float, dtype: str, manifest: dict | None) -> dict:
+    """distribution_check's figures for plain round to nearest of the same weights at the export's bits and block
+    (exporter/rtn_reference.py) instead of the artifact: what the int8 / int4 limits are relative to."""
+    from .rtn_reference import export_bits, rtn_forward
+
+    bits, block, head_bits = export_bits(dtype, manifest)
+
+    def rtn_logits(row):
+        with rtn_forward(model, bits, block, head_bits):
+            return _torch_logits(model, row)
+
+    return {"method": f"torch with every Linear as symmetric round to nearest at {bits} bits in blocks of {block} "
+                      f"(the lm_head at {head_bits}) and its input quantized to int8 per row and block, as "
+                      f"MatMulNBits at accuracy_level 4", "bits": bits, "block_size": block,
+            "lm_head_bits": head_bits, **_distribution(model, rows, tie_probability, rtn_logits)}
+
+
+def _distribution(model, rows: list[np.ndarray], tie_probability: float, logits_of) -> dict:
+    """distribution_check against any logits: logits_of(row) -> (T-1, V)."""
+    kls, agree, strict, nll_ref, nll_ours, count, worst, stds = [], 0, 0, 0.0, 0.0, 0, 0.0, []
     for row in rows:
-        with torch.no_grad():
-            ids = torch.as_tensor(row)[None]
-            ref = torch.log_softmax(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1]
-                                    .double(), -1)  # (T-1, V)
-        ours = torch.log_softmax(torch.as_tensor(window_logits(artifact, row, len(row) - 1)).double(), -1)
+        ref_logits = _torch_logits(model, row)
+        ours_logits = np.asarray(logits_of(row), np.float32)
+        worst = max(worst, float(np.abs(ours_logits - ref_logits).max()))
+        stds += [float(r.std()) for r in ref_logits]
+        ref = torch.log_softmax(torch.as_tensor(ref_logits).double(), -1)  # (T-1, V)
+        ours = torch.log_softmax(torch.as_tensor(ours_logits).double(), -1)
         target = torch.as_tensor(row[1:])
         kls.append((ref.exp() * (ref - ours)).sum(-1).clamp_min(0.0))
         top_ref, top_ours = ref.argmax(-1), ours.argmax(-1)
@@ -284,12 +314,24 @@ def distribution_check(model, artifact, rows: list[np.ndarray], tie_probability:
     return {"tokens": count, "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
             "kl_max": float(kl.max()), "top1_agreement": agree / count, "top1_agreement_strict": strict / count,
             "top1_tie_probability": tie_probability, "perplexity_torch": ppl_ref, "perplexity": ppl_ours,
-            "perplexity_change": ppl_ours / ppl_ref - 1.0}
+            "perplexity_change": ppl_ours / ppl_ref - 1.0, "text_logits_max_abs_diff": worst,
+            "text_logits_max_abs_diff_over_std": worst / max(float(np.mean(stds)), 1e-12)}
+
+
+RTN_RULE = (f"each error figure may reach min(ceiling, max(fixed limit, {RTN_MARGIN} x the RTN reference's)): "
+            "graphs/precision QUALITY_LIMITS, RTN_MARGIN, QUALITY_CEILINGS")
+
+
+def judged_against_rtn(dtype: str, manifest: dict | None) -> bool:
+    """int8 / int4 in MatMulNBits (the kernel the RTN reference computes as): limits relative to RTN."""
+    quant = ((manifest or {}).get("passes") or {}).get("quantization") or {}
+    return dtype in ("int8", "int4") and quant.get("kernel", "MatMulNBits") == "MatMulNBits"
 
 
 def judge(result: dict, dtype: str) -> list[str]:
-    """The checks `result` fails against the precision's limits (graphs/precision), each with its figures."""
-    limits, failed = QUALITY_LIMITS[dtype], []
+    """The checks `result` fails against its limits (`result["limits"]`, else the precision's fixed ones), each with
+    its figures."""
+    limits, failed = result.get("limits") or QUALITY_LIMITS[dtype], []
     d = result["distribution"]
     if d["kl_mean"] > limits["kl_mean"]:
         failed.append(f"mean KL divergence {d['kl_mean']:.3g} above the {dtype} limit {limits['kl_mean']:g}")
@@ -353,10 +395,17 @@ def validate(model, facts: dict, tokenizer, artifact_dir: str, session, dtype: s
                   f"(temperature 1, seed {SAMPLE_SEED})")
     limits = QUALITY_LIMITS[dtype]
     result["distribution"] = {"text": source, **distribution_check(model, artifact, rows, TOP1_TIE_PROBABILITY)}
+    if judged_against_rtn(dtype, manifest):
+        rtn = rtn_check(model, rows, TOP1_TIE_PROBABILITY, dtype, manifest)
+        result["rtn_reference"] = rtn
+        limits = rtn_relative_limits(dtype, {**rtn, "logits_max_abs_diff_over_std":
+                                             rtn["text_logits_max_abs_diff_over_std"]})
     result.update(greedy_check(model, tokenizer, artifact_dir, eos, manifest, tie_tolerance=LOGITS_ATOL[dtype]))
     result["logits_tolerance"] = LOGITS_ATOL[dtype]
     result["min_greedy_agreement"] = MIN_GREEDY_AGREEMENT[dtype]
     result["limits"] = {**limits, "min_greedy_agreement": MIN_GREEDY_AGREEMENT[dtype]}
+    if "rtn_reference" in result:
+        result["limits_rule"] = RTN_RULE
     result["failed_checks"] = judge(result, dtype)
     result["passed"] = not result["failed_checks"]
     return result
@@ -464,14 +513,43 @@ def streamed_full_check(loaded, artifact: Path, manifest: dict, dtype: str) -> d
 
     reference = StreamedReference(loaded.model, loaded.weights)
     model = runtime.load(artifact, verify="size", manifest=manifest)
+    rows = [np.asarray(loaded.tokenizer.encode(p).ids, dtype=np.int64) for p in STREAMED_PROMPTS]
+    rows = [r for r in rows if len(r) > 1]
+    refs = [reference.logits(ids).numpy()[:-1] for ids in rows]  # the positions the artifact's window returns
+    result = _streamed_figures(rows, refs, [window_logits(model, ids, len(ids) - 1) for ids in rows])
+    result["method"] = ("this artifact against torch fp32 streamed block by block from the checkpoint, on "
+                        f"{len(STREAMED_PROMPTS)} prompts")
+    limits = QUALITY_LIMITS[dtype]
+    if judged_against_rtn(dtype, manifest):  # the same streamed forward as round to nearest would compute it
+        from .rtn_reference import export_bits, rtn_forward
+
+        bits, block, head_bits = export_bits(dtype, manifest)
+        with rtn_forward(loaded.model, bits, block, head_bits):
+            rtn_logits = [reference.logits(ids).numpy()[:-1] for ids in rows]
+        rtn = _streamed_figures(rows, refs, rtn_logits)
+        result["rtn_reference"] = {"bits": bits, "block_size": block, "lm_head_bits": head_bits, **rtn}
+        limits = rtn_relative_limits(dtype, rtn)
+        result["limits_rule"] = RTN_RULE
+    result["limits"] = limits
+    failed = []
+    if result["kl_mean"] > limits["kl_mean"]:
+        failed.append(f"full artifact: mean KL divergence {result['kl_mean']:.3g} above the {dtype} limit "
+                      f"{limits['kl_mean']:.3g}")
+    if result["top1_agreement"] < limits["top1_agreement"]:
+        failed.append(f"full artifact: top-1 agreement {result['top1_agreement']:.4f} below the {dtype} limit "
+                      f"{limits['top1_agreement']:.4g}")
+    if result["logits_max_abs_diff_over_std"] > limits["logits_max_abs_diff_over_std"]:
+        failed.append(f"full artifact: logits max abs diff {result['logits_max_abs_diff']:.3g} = "
+                      f"{result['logits_max_abs_diff_over_std']:.3g} x the logits' std, above the {dtype} limit "
+                      f"{limits['logits_max_abs_diff_over_std']:.3g}")
+    result["failed_checks"], result["passed"] = failed, not failed
+    return result
+
+
+def _streamed_figures(rows, refs, others) -> dict:
+    """KL(torch || other), top-1 agreement and the logits' worst difference over the rows ((T-1, V) logits each)."""
     kls, agree, strict, worst, stds, count = [], 0, 0, 0.0, [], 0
-    for prompt in STREAMED_PROMPTS:
-        ids = np.asarray(loaded.tokenizer.encode(prompt).ids, dtype=np.int64)
-        ref_logits = reference.logits(ids).numpy()
-        ours_logits = window_logits(model, ids, len(ids) - 1) if len(ids) > 1 else None
-        if ours_logits is None:
-            continue
-        ref_logits = ref_logits[:-1]  # the positions the artifact's window returns
+    for ids, ref_logits, ours_logits in zip(rows, refs, others):
         worst = max(worst, float(np.abs(ours_logits.astype(np.float32) - ref_logits).max()))
         stds += [float(r.std()) for r in ref_logits]
         ref = torch.log_softmax(torch.as_tensor(ref_logits).double(), -1)
@@ -484,22 +562,9 @@ def streamed_full_check(loaded, artifact: Path, manifest: dict, dtype: str) -> d
         count += len(ref)
     kl = torch.cat(kls).numpy()
     std = float(np.mean(stds))
-    result = {"method": "this artifact against torch fp32 streamed block by block from the checkpoint, on "
-                        f"{len(STREAMED_PROMPTS)} prompts", "tokens": count, "kl_mean": float(kl.mean()),
-              "kl_max": float(kl.max()), "top1_agreement": agree / count, "top1_agreement_strict": strict / count,
-              "logits_max_abs_diff": worst, "logits_std": std, "logits_max_abs_diff_over_std": worst / max(std, 1e-12)}
-    limits, failed = QUALITY_LIMITS[dtype], []
-    if result["kl_mean"] > limits["kl_mean"]:
-        failed.append(f"full artifact: mean KL divergence {result['kl_mean']:.3g} above the {dtype} limit "
-                      f"{limits['kl_mean']:g}")
-    if result["top1_agreement"] < limits["top1_agreement"]:
-        failed.append(f"full artifact: top-1 agreement {result['top1_agreement']:.4f} below the {dtype} limit "
-                      f"{limits['top1_agreement']:g}")
-    if result["logits_max_abs_diff_over_std"] > limits["logits_max_abs_diff_over_std"]:
-        failed.append(f"full artifact: logits max abs diff {worst:.3g} = {result['logits_max_abs_diff_over_std']:.3g}"
-                      f" x the logits' std, above the {dtype} limit {limits['logits_max_abs_diff_over_std']:g}")
-    result["failed_checks"], result["passed"] = failed, not failed
-    return result
+    return {"tokens": count, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1_agreement": agree / count,
+            "top1_agreement_strict": strict / count, "logits_max_abs_diff": worst, "logits_std": std,
+            "logits_max_abs_diff_over_std": worst / max(std, 1e-12)}
 
 
 def validate_streamed(loaded, facts: dict, opts, artifact: Path, manifest: dict, eos: int) -> dict:
