@@ -68,12 +68,14 @@ def _write_variant(fp32: Path, out: Path, model, dtype: str, quantization: dict)
 
 
 def _ours(fp32: Path, out: Path, bits: int, block: int, method: str, importance, keep_8bit, kernel="nbits",
-          hessians=None, keep_float=()):
+          hessians=None, keep_float=(), rescore=0):
     import onnx_ir as ir
 
     from gptexport.graphs.precision import NBitsSummary, quantize_int4, quantize_int8
+    from gptexport.graphs.rescore import find_tied_lm_head, rescore_top_k
 
     model = ir.load(str(fp32 / "model.onnx"))
+    head = find_tied_lm_head(model) if rescore else None  # before the lm_head is quantized
     summary = NBitsSummary()
     if bits == 4:
         quantize_int4(model, block_size=block, method=method, importance=importance, keep_8bit=keep_8bit,
@@ -81,7 +83,10 @@ def _ours(fp32: Path, out: Path, bits: int, block: int, method: str, importance,
     else:
         quantize_int8(model, kernel=kernel, block_size=block, method=method, importance=importance, summary=summary,
                       hessians=hessians, keep_float=keep_float)
-    return _write_variant(fp32, out, model, f"int{bits}", {"bench": True, **summary.record()})
+    if head is not None:
+        rescore_top_k(model, head, rescore)
+    return _write_variant(fp32, out, model, f"int{bits}", {"bench": True, "rescore_top_k": rescore,
+                                                           **summary.record()})
 
 
 def _ort(fp32: Path, out: Path, bits: int, block: int):
@@ -152,6 +157,20 @@ def _int8_rows(fp32: Path, work: Path, block: int, importance, hessians) -> dict
     return rows
 
 
+def _rescore_rows(fp32: Path, work: Path, importance, hessians, ks=(8, 16, 32)) -> dict:
+    """graphs/rescore.py (a tied lm_head's top-k logits recomputed in float32) on the int8 kernels and int4's
+    default, each beside the same quantization without it."""
+    rows = {}
+    for kernel in ("nbits", "token", "hybrid"):
+        for k in (0, *ks) if kernel == "nbits" else (0, 16):
+            rows[f"int8 {kernel} gptq b32 rescore {k}"] = _ours(fp32, work / f"int8-{kernel}-gptq-r{k}", 8, 32, "gptq",
+                                                                importance, (), kernel, hessians=hessians, rescore=k)
+    for k in (0, 16):
+        rows[f"int4 gptq b128 rescore {k}"] = _ours(fp32, work / f"int4-gptq-b128-r{k}", 4, 128, "gptq", importance,
+                                                    ("lm_head",), hessians=hessians, rescore=k)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt2-bench", help="a tests/trained.py preset (trained when missing)")
@@ -164,10 +183,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="quality only (speed: whole-process A/B pairs)")
     parser.add_argument("--json", help="also write the rows here")
-    parser.add_argument("--rows", default="all", choices=["all", "int4", "default", "int8"],
+    parser.add_argument("--rows", default="all", choices=["all", "int4", "default", "int8", "rescore"],
                         help="'all'; 'int4': the int4 rows and the peers they are judged against only; 'default': the "
                              "export's defaults (int4 and int8 GPTQ), their equal-size variants and the stock rows; "
-                             "'int8': the int8 kernels side by side (nbits, token, dynamic) at --blocks' first size")
+                             "'int8': the int8 kernels side by side (nbits, token, dynamic) at --blocks' first size; "
+                             "'rescore': the int8 kernels and int4 with and without the tied lm_head's rescoring")
     args = parser.parse_args()
 
     from gptexport.exporter.calibrate import activation_statistics, calibration_tokens
@@ -195,9 +215,11 @@ def main() -> None:
         print(f"calibration {source}: {record}", flush=True)
 
     lm8, lm_float = ("lm_head",), ("lm_head",)
+    if args.rows == "rescore":
+        rows.update(_rescore_rows(fp32, work, importance["self"], hessians["self"]))
     if args.rows == "int8":
         rows.update(_int8_rows(fp32, work, args.blocks[0], importance["self"], hessians["self"]))
-    for block in args.blocks if args.rows != "int8" else ():
+    for block in args.blocks if args.rows not in ("int8", "rescore") else ():
         if args.rows == "default":
             _default_rows(rows, fp32, work, block, importance["self"], hessians["self"])
             continue

@@ -2,8 +2,9 @@
 
     python bench/runtime_bench.py [--workdir /tmp/runtime-bench] [--only ours-fp32,ct2-int8,...] [--repeats 3]
 
-Engines: our runtime (fp32, fp16, int8, int4 artifacts; ours-int8-nbits, ours-int8-token and ours-int8-dynamic,
-each with its -inplace twin, name one int8 kernel and run when --only lists them), transformers `generate` (torch
+Engines: our runtime (fp32, fp16, int8, int4 artifacts; ours-int8-nbits, ours-int8-token, ours-int8-hybrid and
+ours-int8-dynamic name one int8 kernel, ours-int8-norescore the default without graphs/rescore.py; each with its
+-inplace twin, run when --only lists them), transformers `generate` (torch
 eager, sdpa),
 CTranslate2 (fp32 and int8, converted from the same checkpoint), llama.cpp (F32, Q8_0 and Q4_0 GGUF files made by
 its convert_hf_to_gguf.py and llama-quantize from the same checkpoint; `--llama-dir` / LLAMA_CPP_DIR, see
@@ -46,9 +47,11 @@ import llama_cpp  # noqa: E402 - bench/llama_cpp.py, next to this script
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = {"b1": (1, 32, 128), "b8": (8, 32, 64), "prefill": (1, 512, 1)}  # batch, prompt tokens, new tokens
-# our rows: int8 is the export's default kernel; int8-nbits / int8-token / int8-dynamic name one (--int8-kernel)
+# our rows: int8 is the export's default kernel; int8-nbits / int8-token / int8-hybrid / int8-dynamic name one
+# (--int8-kernel); int8-norescore is the default without the tied lm_head's float32 rescoring (--rescore-top-k 0)
 OURS = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8"], "int4": ["--int4"],
-        **{f"int8-{k}": ["--int8", "--int8-kernel", k] for k in ("nbits", "token", "dynamic")}}
+        **{f"int8-{k}": ["--int8", "--int8-kernel", k] for k in ("nbits", "token", "hybrid", "dynamic")},
+        "int8-norescore": ["--int8", "--rescore-top-k", "0"]}
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
         "salt, grain and cloth. Over the centuries the market grew into a town, and the town into a port whose "
         "ships reached every coast of the sea. ") * 40

@@ -58,7 +58,7 @@ import llama_cpp  # noqa: E402 - bench/llama_cpp.py, next to this script
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32  # --new-tokens
-INT8_KERNELS = ("nbits", "token", "dynamic")  # gptexport --int8-kernel: the int8-KERNEL rows
+INT8_KERNELS = ("nbits", "token", "hybrid", "dynamic")  # gptexport --int8-kernel: the int8-KERNEL rows
 
 
 def percentile(values: list, q: float) -> float:
@@ -95,7 +95,8 @@ def artifact(work: Path, ckpt: Path, precision: str) -> Path:
     out = work / f"gpt2-{precision}-inplace"
     if not (out / "manifest.json").exists():
         flags = {"fp32": [], "int8": ["--int8"], "int4": ["--int4"],
-                 **{f"int8-{k}": ["--int8", "--int8-kernel", k] for k in INT8_KERNELS}}[precision]
+                 **{f"int8-{k}": ["--int8", "--int8-kernel", k] for k in INT8_KERNELS},
+                 "int8-norescore": ["--int8", "--rescore-top-k", "0"]}[precision]
         subprocess.run([sys.executable, "-m", "gptexport.exporter.cli", str(ckpt), "-o", str(out), "--force",
                         "--kv-layout", "shared_buffer", *flags], check=True)
     return out
@@ -225,7 +226,7 @@ def main() -> None:
     parser.add_argument("--llama-bin", default=None,
                         help="llama.cpp binaries (default: $LLAMA_CPP_BIN, else LLAMA_DIR/build/bin)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"],
-                        choices=["fp32", "int8", *(f"int8-{k}" for k in INT8_KERNELS), "int4"])
+                        choices=["fp32", "int8", *(f"int8-{k}" for k in INT8_KERNELS), "int8-norescore", "int4"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", default=["gptexport", "one-at-a-time", "llama-server"])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -25,6 +25,7 @@ from gptexport.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, checksum_f
 
 from .passes import run_passes
 from .presets import ExportError
+from .tasks import TEXT_GENERATION
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # bytes of weights above which they go to model.onnx.data (protobuf limit)
 _INLINE_BYTES = 1024  # tensors this small stay in the graph: shape constants must be readable for shape inference
@@ -136,11 +137,14 @@ def open_session(directory: Path):
 
 def quant_settings(loaded, opts) -> dict:
     """The int8/int4 settings for run_passes, with calibration statistics gathered here (torch) for graphs/."""
-    from .passes import KEEP_8BIT
+    from .passes import KEEP_8BIT, default_int8_kernel
 
-    quant = {"block_size": opts.block_size, "method": opts.quant_method, "kernel": opts.int8_kernel,
+    kernel = opts.int8_kernel or default_int8_kernel(loaded.task)
+    quant = {"block_size": opts.block_size, "method": opts.quant_method, "kernel": kernel,
              "keep_8bit": KEEP_8BIT + tuple(opts.keep_8bit)}
-    calibrated = opts.dtype == "int4" or (opts.dtype == "int8" and opts.int8_kernel != "dynamic")
+    if loaded.task == TEXT_GENERATION:  # a head has no lm_head to rescore
+        quant["rescore_top_k"] = opts.rescore_top_k
+    calibrated = opts.dtype == "int4" or (opts.dtype == "int8" and kernel != "dynamic")
     if not calibrated or opts.quant_method not in ("search", "gptq"):
         return quant
     from .calibrate import activation_statistics, calibration_tokens

@@ -41,7 +41,8 @@ class ExportOptions:
     # int4 (beyond the lm_head), calibration text files (none: the fp32 model's own samples)
     block_size: int | None = None  # None: the precision's default (passes.DEFAULT_BLOCK_SIZE: int4 128, int8 32)
     quant_method: str = "gptq"  # one of passes.QUANT_METHODS; a streamed model gets "search" (no Hessians)
-    int8_kernel: str = "nbits"
+    int8_kernel: str | None = None  # None: the task's default (passes.default_int8_kernel)
+    rescore_top_k: int | None = None  # int8/int4 tied lm_head: candidates rescored in float32 (None: default; 0: off)
     keep_8bit: tuple = ()
     calibration: tuple = ()
     validation_text: list[str] | None = None  # files whose text the validation scores (None: the model's samples)
@@ -76,8 +77,10 @@ def check_options(opts: ExportOptions) -> None:
     if opts.quant_method not in QUANT_METHODS:
         raise ExportError(f"unknown quantization method {opts.quant_method!r}; choose one of: "
                           f"{', '.join(QUANT_METHODS)}")
-    if opts.int8_kernel not in INT8_KERNELS:
+    if opts.int8_kernel is not None and opts.int8_kernel not in INT8_KERNELS:
         raise ExportError(f"unknown int8 kernel {opts.int8_kernel!r}; choose one of: {', '.join(INT8_KERNELS)}")
+    if opts.rescore_top_k is not None and opts.rescore_top_k < 0:
+        raise ExportError(f"--rescore-top-k {opts.rescore_top_k}: expected 0 (off) or a number of candidates")
     for name in opts.calibration:
         if not Path(name).is_file():
             raise ExportError(f"--calibration {name!r}: no such file; pass text files to calibrate on")

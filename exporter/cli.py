@@ -154,11 +154,15 @@ def _version() -> str:
 @click.option("--keep-8bit", multiple=True, metavar="PATTERN",
               help="int4: also keep MatMuls whose weight name matches PATTERN (fnmatch, e.g. '*h.0.mlp.*') at 8 "
                    "bits; the lm_head always is (repeatable).")
-@click.option("--int8-kernel", type=click.Choice(["nbits", "token", "dynamic"]), default="nbits", show_default=True,
-              help="int8: nbits: MatMulNBits (activations per token and block of K, weights per block); token: "
+@click.option("--int8-kernel", type=click.Choice(["nbits", "token", "hybrid", "dynamic"]), default=None,
+              help="int8 (default: nbits for text generation, nbits for the head tasks): nbits: MatMulNBits (activations per token and block of K, weights per block); token: "
                    "MatMulIntegerToFloat with activations quantized per token in the graph (weights per column; "
-                   "fast when several rows go through at once); dynamic: the older DynamicQuantizeMatMul "
+                   "fast when several rows go through at once); hybrid: token, with the lm_head on MatMulNBits; "
+                   "dynamic: the older DynamicQuantizeMatMul "
                    "(activations per tensor: a row's output depends on its batch-mates).")
+@click.option("--rescore-top-k", type=click.IntRange(min=0), default=None, metavar="K",
+              help="int8/int4 with a tied lm_head (GPT-2): recompute each position's K largest logits exactly from "
+                   "the float32 embedding table (default 16; 0: off).")
 @click.option("--validation-text", multiple=True, type=click.Path(dir_okay=False),
               help="A UTF-8 text file the validation scores (repeatable; its first 1024 tokens). Default: the fp32 "
                    "model's own seeded samples.")
@@ -173,7 +177,7 @@ def _version() -> str:
                    "the model does not fit in memory twice).")
 def cli(model, output, random_weights, seed, force, no_validate, external_data_threshold, trust_remote_code, dtype,
         no_fuse, strict, kv_layout, block_size, calibration, quant_method, keep_8bit, int8_kernel, task, num_labels,
-        stream, validation_text):
+        stream, validation_text, rescore_top_k):
     """Export MODEL (a preset, a hub id or a local checkpoint dir) to an ONNX artifact.
 
     Presets: """
@@ -182,7 +186,7 @@ def cli(model, output, random_weights, seed, force, no_validate, external_data_t
                          fuse=not no_fuse, strict=strict, stream=stream, kv_layout=kv_layout,
                          block_size=int(block_size) if block_size else None, calibration=tuple(calibration),
                          quant_method=quant_method,
-                         keep_8bit=tuple(keep_8bit), int8_kernel=int8_kernel,
+                         keep_8bit=tuple(keep_8bit), int8_kernel=int8_kernel, rescore_top_k=rescore_top_k,
                          validation_text=list(validation_text) or None, task=task, num_labels=num_labels)
     if external_data_threshold is not None:
         opts.external_data_threshold = external_data_threshold
@@ -251,6 +255,9 @@ def adopt_cli(source, output, checkpoint, force, fuse, strict, dtype, kv_layout)
 @click.option("--checkpoint", default=None, metavar="SRC",
               help="What to validate against: a preset, hub id or local checkpoint dir (default: what the manifest "
                    "records; a random-weight export gets its preset or config with the same seed).")
+@click.option("--rescore-top-k", type=click.IntRange(min=0), default=None, metavar="K",
+              help="int8/int4 with a tied lm_head (GPT-2): recompute each position's K largest logits exactly from "
+                   "the float32 embedding table (default 16; 0: off).")
 @click.option("--validation-text", multiple=True, type=click.Path(dir_okay=False),
               help="A UTF-8 text file the validation scores (repeatable). Default: the fp32 model's own samples.")
 @click.option("--calibration", multiple=True, metavar="FILE",

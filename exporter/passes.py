@@ -17,7 +17,17 @@ DEFAULT_BLOCK_SIZE = {"int4": 128, "int8": 32}
 INT4_BLOCK_SIZE = DEFAULT_BLOCK_SIZE["int4"]
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU (activations int8 per token/block)
 QUANT_METHODS = ("gptq", "search", "rtn")
-INT8_KERNELS = ("nbits", "token", "dynamic")
+INT8_KERNELS = ("nbits", "token", "hybrid", "dynamic")
+# The int8 kernel when --int8-kernel is not given: text generation, and the head tasks (one forward over the whole
+# input: every MatMul sees M = batch x sequence rows at once, and there is no 50257-wide lm_head).
+TEXT_INT8_KERNEL, HEAD_INT8_KERNEL = "nbits", "nbits"
+
+
+def default_int8_kernel(task: str) -> str:
+    """The int8 kernel a task gets when --int8-kernel is not given."""
+    return TEXT_INT8_KERNEL if task == "text-generation" else HEAD_INT8_KERNEL
+
+
 # the manifest's words for each method (`gptexport validate` reads them back)
 METHOD_TEXT = {"search": "error-minimising scale search weighted by calibration activations",
                "gptq": "GPTQ: rounding error compensated through each MatMul's calibration Hessian, block scales by "
@@ -70,6 +80,7 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
     from gptexport.graphs.precision import NBitsSummary, quantize_int4, quantize_int8, to_fp16
 
     skipped: dict = {}
+    tied = _tied_lm_head(ir_model, dtype, quant, section)  # before the lm_head is quantized
     block = quant.get("block_size") or DEFAULT_BLOCK_SIZE.get(dtype, INT4_BLOCK_SIZE)
     method = quant.get("method", "search")
     importance, hessians = quant.get("importance"), quant.get("hessians")
@@ -84,8 +95,12 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
         if kernel == "dynamic":
             section["quantization"] = {"kernel": "DynamicQuantizeMatMul", "weights": "symmetric int8 per output column",
                                        "activations": "uint8 per tensor, per call"}
-        elif kernel == "token":
+        elif kernel in ("token", "hybrid"):
             section["quantization"] = _token_record(method, quant, summary)
+            if kernel == "hybrid":  # exporter/revalidate.py reads the lm_head's kernel back from here
+                section["quantization"]["lm_head"] = {
+                    "kernel": "MatMulNBits", "block_size": block, "accuracy_level": INT4_ACCURACY_LEVEL,
+                    "why": "one row per call (batch-1 decode) reads the lm_head faster through MatMulNBits"}
         else:
             section["quantization"] = _nbits_record(8, block, method, quant, summary)
     elif dtype == "int4":
@@ -99,6 +114,34 @@ def _precision(ir_model, dtype, section, quant: dict) -> None:
             "rule": list(keep), "explain": "lm_head: the MatMul computing the logits; other entries: fnmatch "
                                           "patterns over weight names"}
     section["skipped"] = skipped
+    if tied is not None:
+        from gptexport.graphs.rescore import rescore_top_k
+
+        section["counts"]["rescore_top_k"] = rescore_top_k(ir_model, tied, section["rescore"]["top_k"])
+
+
+def _tied_lm_head(ir_model, dtype: str, quant: dict, section: dict):
+    """int8/int4 text generation: the tied lm_head whose top candidates graphs/rescore.py rescores in float32, or
+    None (the manifest's `rescore` says why not). quant["rescore_top_k"]: None the default k, 0 off; absent (head
+    tasks, adopted graphs): not considered."""
+    if dtype not in ("int8", "int4") or "rescore_top_k" not in quant:
+        return None
+    from gptexport.graphs.fusion._match import Reject
+    from gptexport.graphs.rescore import DEFAULT_TOP_K, find_tied_lm_head
+
+    k = DEFAULT_TOP_K if quant["rescore_top_k"] is None else quant["rescore_top_k"]
+    if k == 0:
+        section["rescore"] = {"applied": False, "reason": "turned off (--rescore-top-k 0)"}
+        return None
+    try:
+        tied = find_tied_lm_head(ir_model)
+    except Reject as reason:
+        section["rescore"] = {"applied": False, "reason": str(reason)}
+        return None
+    section["rescore"] = {"applied": True, "top_k": k, "table": tied.table.name,
+                          "explain": "the quantized lm_head's top-k logits of every row recomputed exactly from the "
+                                     "float32 embedding table it is tied to (graphs/rescore.py)"}
+    return tied
 
 
 def _token_record(method: str, quant: dict, summary) -> dict:

@@ -71,11 +71,19 @@ def options_of(manifest: dict, validation_text=(), calibration=()) -> ExportOpti
     opts = ExportOptions(model=manifest["model"]["name"], dtype=manifest["dtype"], fuse=bool(passes.get("fused")),
                          kv_layout=manifest.get("kv_layout", "concat"),
                          validation_text=list(validation_text) or None, calibration=tuple(calibration))
+    rescore = passes.get("rescore") or {}
+    if "rescore" in passes:  # an artifact from before the pass has none: it was not rescored
+        opts.rescore_top_k = rescore["top_k"] if rescore.get("applied") else 0
+    elif opts.dtype in ("int8", "int4"):
+        opts.rescore_top_k = 0
     if quant.get("kernel") == "DynamicQuantizeMatMul":
         opts.int8_kernel = "dynamic"
     if quant.get("kernel") == "MatMulIntegerToFloat":
         opts.int8_kernel, opts.quant_method = "token", methods.get(quant.get("method"), "search")
+        if (quant.get("lm_head") or {}).get("kernel") == "MatMulNBits":
+            opts.int8_kernel, opts.block_size = "hybrid", quant["lm_head"]["block_size"]
     if quant.get("kernel") == "MatMulNBits":
+        opts.int8_kernel = "nbits" if opts.dtype == "int8" else None
         opts.block_size, opts.quant_method = quant["block_size"], methods.get(quant.get("method"), "search")
         rule = (quant.get("rule_8bit") or {}).get("rule", KEEP_8BIT)
         opts.keep_8bit = tuple(r for r in rule if r not in KEEP_8BIT)

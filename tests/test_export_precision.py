@@ -63,8 +63,9 @@ def test_precision_and_fusion_matrix(tiny_export, name, dtype, fuse):
 
 # ---- the int8 kernels ---------------------------------------------------------------------------------------------
 
-INT8_KERNEL_OP = {"nbits": "MatMulNBits", "token": "MatMulIntegerToFloat", "dynamic": "DynamicQuantizeMatMul"}
-INT8_KERNEL_RECORD = {"nbits": "MatMulNBits", "token": "MatMulIntegerToFloat", "dynamic": "DynamicQuantizeMatMul"}
+INT8_KERNEL_OP = {"nbits": "MatMulNBits", "token": "MatMulIntegerToFloat", "hybrid": "MatMulIntegerToFloat",
+                  "dynamic": "DynamicQuantizeMatMul"}
+INT8_KERNEL_RECORD = INT8_KERNEL_OP
 
 
 def _logits(session, facts: dict, ids: np.ndarray) -> np.ndarray:
@@ -79,20 +80,22 @@ def _logits(session, facts: dict, ids: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-@pytest.mark.parametrize("kernel", ["token", "dynamic"])
+@pytest.mark.parametrize("kernel", ["token", "hybrid", "dynamic"])
 def test_int8_kernel_exports_validate_and_say_which_kernel(tiny_export, name, kernel):
     _, out, m = tiny_export(name, dtype="int8", int8_kernel=kernel)
     assert m["validation"]["passed"], m["validation"]
     assert m["validation"]["logits_max_abs_diff"] <= LOGITS_ATOL["int8"]
     assert m["passes"]["quantization"]["kernel"] == INT8_KERNEL_RECORD[kernel]
     ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
-    assert ops[INT8_KERNEL_OP[kernel]] >= 2 * m["config"]["num_layers"] + 1, ops
-    assert ops["MatMulNBits"] == 0
+    layers = m["config"]["num_layers"]
+    assert ops[INT8_KERNEL_OP[kernel]] >= 2 * layers + (kernel != "hybrid"), ops
+    assert ops["MatMulNBits"] == (kernel == "hybrid")  # hybrid: the lm_head alone on MatMulNBits
     if kernel == "token":
         assert m["passes"]["quantization"]["batch_invariant"] is True
 
 
-@pytest.mark.parametrize("kernel,invariant", [("nbits", True), ("token", True), ("dynamic", False)])
+@pytest.mark.parametrize("kernel,invariant", [("nbits", True), ("token", True), ("hybrid", True),
+                                              ("dynamic", False)])
 def test_int8_artifact_row_alone_equals_row_in_a_batch(tiny_export, kernel, invariant):
     """A prompt's logits batched with other prompts against alone: bit-identical for the per-token kernels; the
     per-tensor dynamic kernel moves them (the negative case)."""
@@ -112,7 +115,7 @@ def test_int8_artifact_row_alone_equals_row_in_a_batch(tiny_export, kernel, inva
         assert not np.array_equal(alone, together), f"{kernel}: expected batch-dependent logits"
 
 
-@pytest.mark.parametrize("kernel", ["token", "dynamic"])
+@pytest.mark.parametrize("kernel", ["token", "hybrid", "dynamic"])
 def test_validate_reads_the_int8_kernel_back_from_the_manifest(tiny_export, kernel):
     """`gptexport validate` re-exports with the options the manifest records: the same int8 kernel."""
     from gptexport.exporter.revalidate import options_of
@@ -120,5 +123,7 @@ def test_validate_reads_the_int8_kernel_back_from_the_manifest(tiny_export, kern
     _, _, m = tiny_export("gpt2", dtype="int8", int8_kernel=kernel)
     opts = options_of(m)
     assert (opts.dtype, opts.int8_kernel) == ("int8", kernel)
+    # GPT-2's tied lm_head is rescored by default, and the rescoring read back
+    assert m["passes"]["rescore"]["applied"] and opts.rescore_top_k == m["passes"]["rescore"]["top_k"]
     if kernel == "token":
         assert opts.quant_method == "gptq"  # the export default, read back from the manifest's words

@@ -24,6 +24,9 @@ the lm_head, the most sensitive one: its error reaches the logits directly). Two
                       com.microsoft MatMulIntegerToFloat (onnxruntime's integer GEMM, int32 sums). Batch-invariant
                       like MatMulNBits, and 2-4x faster than it wherever several rows go through a MatMul at once
                       (MatMulNBits' 8-bit path is slow at M > 1; BENCHMARKS.md). See _token_nodes.
+    kernel="hybrid"   the token kernel for every MatMul but the lm_head, which gets the nbits kernel: at one row per
+                      call (batch-1 decode) MatMulNBits reads the 768 x 50257 lm_head 1.8x faster than
+                      MatMulIntegerToFloat, while the body's smaller MatMuls keep the token kernel's speed at M > 1.
     kernel="dynamic"  DynamicQuantizeMatMul (activations quantized per tensor, weights per column), the older form:
                       fast, but one activation scale spans the batch, so a row's output depends on its batch-mates.
 
@@ -196,7 +199,7 @@ def _constant(value: ir.Value | None) -> tuple[ir.TensorProtocol | None, bool, s
 
 # ---- the passes -------------------------------------------------------------------------------------------------
 
-KERNELS = ("nbits", "token", "dynamic")
+KERNELS = ("nbits", "token", "hybrid", "dynamic")
 MIN_BLOCK = 16  # the smallest MatMulNBits block: a MatMul with a smaller K stays float32
 LM_HEAD = "lm_head"  # a keep_8bit rule entry: the MatMul that computes the logits
 # How the codes and scales of a weight are chosen: nbits.py's round to nearest and weighted scale search, and
@@ -238,7 +241,8 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
         report: if given, filled with node name -> reason for every MatMul/Gemm not quantized.
         kernel: "nbits": MatMulNBits bits=8, symmetric blocks of `block_size` along K, activations quantized per
             token and block (accuracy_level 4). "token": MatMulIntegerToFloat, activations uint8 per token quantized
-            in the graph, weights int8 per output column (the graph's opset becomes 21). "dynamic":
+            in the graph, weights int8 per output column (the graph's opset becomes 21). "hybrid": token, with
+            the lm_head on nbits. "dynamic":
             DynamicQuantizeMatMul (activations per tensor, weights per output column), the older form.
         block_size, accuracy_level: as quantize_int4 (nbits kernel only).
         method, importance, summary, hessians, keep_float: as quantize_int4 (nbits and token kernels; the token
@@ -250,9 +254,9 @@ def quantize_int8(model: ir.Model, report: dict[str, str] | None = None, *, kern
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: expected one of {', '.join(KERNELS)}")
-    if kernel in ("nbits", "token"):
+    if kernel in ("nbits", "token", "hybrid"):
         return _quantize_nbits(model, 8, block_size, accuracy_level, method, importance, (), report, summary,
-                               hessians, keep_float, token=kernel == "token")
+                               hessians, keep_float, token=kernel != "nbits", head_nbits=kernel == "hybrid")
 
     def rewrite(site: WeightMatMul) -> ir.Node:
         k, n = site.shape
@@ -298,7 +302,7 @@ def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4
 
 
 def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance, keep_8bit, report, summary,
-                    hessians=None, keep_float=(), token=False) -> int:
+                    hessians=None, keep_float=(), token=False, head_nbits=False) -> int:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size {block_size}: expected a power of two >= 16 (16, 32, 64, 128, 256)")
     if method not in METHODS:
@@ -335,7 +339,7 @@ def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance,
         if hessian is not None:
             summary.gptq.append(site.node.name)
         how = "search" if method == "gptq" else method  # a MatMul without a Hessian: the weighted search
-        if token:
+        if token and not (head_nbits and site.node is lm_head):
             return lambda site: _token_nodes(model.graph, site, how, weights, hessian, quantized)
         bs = fitting_block(site.shape[0], block_size)
         if bs != block_size:
@@ -343,7 +347,8 @@ def _quantize_nbits(model, bits, block_size, accuracy_level, method, importance,
         return lambda site: _nbits_node(model.graph, site, b, bs, accuracy_level, how, weights, hessian)
 
     quantized: dict = {}  # token kernel: activation -> its (codes, scales), shared by the MatMuls reading it
-    count = _quantize(model, rewriter, report, min_k=lambda site: 1 if token else MIN_BLOCK)
+    count = _quantize(model, rewriter, report,
+                      min_k=lambda site: 1 if token and not (head_nbits and site.node is lm_head) else MIN_BLOCK)
     if token and count:
         _require_opset(model, TOKEN_OPSET)
     return count

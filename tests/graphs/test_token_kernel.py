@@ -171,3 +171,24 @@ def test_token_kernel_refuses_a_graph_whose_ops_changed_meaning_in_opset_21():
     model.graph.outputs[0] = gn.outputs[0]
     with pytest.raises(ValueError, match="GroupNormalization changed meaning"):
         quantize_int8(model, kernel="token", method="rtn")
+
+
+def test_hybrid_kernel_puts_the_lm_head_alone_on_matmulnbits(traced):
+    """kernel="hybrid": the token kernel everywhere but the lm_head (found by the logits output), which gets
+    MatMulNBits; the negative case: a graph without a logits output has no lm_head, so every MatMul gets the token
+    kernel."""
+    from gptexport.graphs.precision.quantize import lm_head_node
+
+    model = ir.from_proto(onnx.load_from_string(traced("gpt2").fused))
+    head = lm_head_node(model.graph).name
+    summary = NBitsSummary()
+    count = quantize_int8(model, kernel="hybrid", block_size=16, method="rtn", summary=summary)
+    ops = {n.name: n.op_type for n in model.graph}
+    assert ops[f"{head}/MatMulNBits"] == "MatMulNBits"
+    assert sum(op == "MatMulNBits" for op in ops.values()) == 1
+    assert sum(op == "MatMulIntegerToFloat" for op in ops.values()) == count - 1 == 4 * 2  # 4 per layer
+    assert summary.bits[head] == 8
+    plain, _, _ = _model(32, (16, 8))
+    quantize_int8(plain, kernel="hybrid", method="rtn")
+    assert {n.op_type for n in plain.graph} >= {"MatMulIntegerToFloat"}
+    assert "MatMulNBits" not in {n.op_type for n in plain.graph}
