@@ -10,7 +10,8 @@ rows of `--seq` (128) random token ids, no padding, the same in every engine (Op
 position_ids: it gets 0..seq-1, what ours computes from the mask). Engines:
 
     ours          gptexport artifact, fp32 (fused), runtime.heads session
-    ours-int8     gptexport --int8 (the default int8 kernel)
+    ours-int8     gptexport --int8 (the default int8 kernel: token for these tasks; an export made before that default
+                  is nbits: re-export)
     ours-int8-nbits    gptexport --int8 --int8-kernel nbits (MatMulNBits 8-bit, block 32, activations per token and
                   block inside the kernel)
     ours-int8-token    gptexport --int8 --int8-kernel token (MatMulIntegerToFloat, activations per token quantized

@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="quality only (speed: whole-process A/B pairs)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--rescore-k", type=int, nargs="+", default=[8, 16, 32],
+                        help="--rows rescore: the top-k sizes of the nbits rows (beside k 0: no rescoring)")
     parser.add_argument("--rows", default="all", choices=["all", "int4", "default", "int8", "rescore"],
                         help="'all'; 'int4': the int4 rows and the peers they are judged against only; 'default': the "
                              "export's defaults (int4 and int8 GPTQ), their equal-size variants and the stock rows; "
@@ -216,7 +218,7 @@ def main() -> None:
 
     lm8, lm_float = ("lm_head",), ("lm_head",)
     if args.rows == "rescore":
-        rows.update(_rescore_rows(fp32, work, importance["self"], hessians["self"]))
+        rows.update(_rescore_rows(fp32, work, importance["self"], hessians["self"], tuple(args.rescore_k)))
     if args.rows == "int8":
         rows.update(_int8_rows(fp32, work, args.blocks[0], importance["self"], hessians["self"]))
     for block in args.blocks if args.rows not in ("int8", "rescore") else ():

@@ -155,7 +155,8 @@ def _version() -> str:
               help="int4: also keep MatMuls whose weight name matches PATTERN (fnmatch, e.g. '*h.0.mlp.*') at 8 "
                    "bits; the lm_head always is (repeatable).")
 @click.option("--int8-kernel", type=click.Choice(["nbits", "token", "hybrid", "dynamic"]), default=None,
-              help="int8 (default: nbits for text generation, nbits for the head tasks): nbits: MatMulNBits (activations per token and block of K, weights per block); token: "
+              help="int8 (default: nbits for text generation, token for the other tasks): nbits: MatMulNBits "
+                   "(activations per token and block of K, weights per block); token: "
                    "MatMulIntegerToFloat with activations quantized per token in the graph (weights per column; "
                    "fast when several rows go through at once); hybrid: token, with the lm_head on MatMulNBits; "
                    "dynamic: the older DynamicQuantizeMatMul "

@@ -18,9 +18,10 @@ INT4_BLOCK_SIZE = DEFAULT_BLOCK_SIZE["int4"]
 INT4_ACCURACY_LEVEL = 4  # MatMulNBits computes with int8 dot products on the CPU (activations int8 per token/block)
 QUANT_METHODS = ("gptq", "search", "rtn")
 INT8_KERNELS = ("nbits", "token", "hybrid", "dynamic")
-# The int8 kernel when --int8-kernel is not given: text generation, and the head tasks (one forward over the whole
-# input: every MatMul sees M = batch x sequence rows at once, and there is no 50257-wide lm_head).
-TEXT_INT8_KERNEL, HEAD_INT8_KERNEL = "nbits", "nbits"
+# The int8 kernel when --int8-kernel is not given: text generation, and the head tasks. A head runs one forward over
+# the whole input (every MatMul sees M = batch x sequence rows at once) and has no 50257-wide lm_head, so the token
+# kernel is 1.8-3.1x Optimum's int8 and 2-3x nbits there (BENCHMARKS.md, bench/heads_bench.py), batch-invariant too.
+TEXT_INT8_KERNEL, HEAD_INT8_KERNEL = "nbits", "token"
 
 
 def default_int8_kernel(task: str) -> str:

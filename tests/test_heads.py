@@ -283,14 +283,19 @@ def test_precisions_apply_to_heads(head_export, dtype):
         assert np.abs(got - hidden).max() / hidden.std() < HEAD_LIMITS[dtype]["max_abs_diff_over_std"]
 
 
-@pytest.mark.parametrize("kernel,invariant", [("token", True), ("dynamic", False)])
+@pytest.mark.parametrize("kernel,invariant", [(None, True), ("nbits", True), ("dynamic", False)])
 def test_int8_kernels_on_heads_batched_against_alone(head_export, kernel, invariant):
-    """The token kernel (activations per token) gives each text the same scores batched or alone, bit for bit, as
-    the default does; the per-tensor dynamic kernel does not (the negative case)."""
+    """The head tasks' default int8 kernel is the token kernel (activations per token); it gives each text the same
+    scores batched or alone, bit for bit, as nbits does; the per-tensor dynamic kernel does not (the negative
+    case)."""
     from gptexport import runtime
 
     artifact, model, manifest = head_export("gpt2", "text-classification", "int8", kernel)
     assert manifest["validation"]["passed"], manifest["validation"]["failed_checks"]
+    record = manifest["passes"]["quantization"]
+    if kernel is None:  # not given: the head tasks' default
+        assert record["kernel"] == "MatMulIntegerToFloat" and record["batch_invariant"] is True
+    assert "rescore" not in manifest["passes"]  # a head has no lm_head to rescore
     rows = [_tokenizer(artifact).encode(t).ids for t in TEXTS]
     probs = _softmax(_hf(model, rows)[0].logits.numpy())
     together = runtime.classify(artifact, TEXTS)
