@@ -112,6 +112,8 @@ def head_export(tmp_path_factory):
 XDIST_GROUPS = {
     "packaging": "packaging",  # both build the checkout in place (build/, gptexport.egg-info): never at once
     "test_heads.py": "heads", "test_serve_heads.py": "heads",  # one set of head_export artifacts
+    # one set of trained_export artifacts (gpt2-ci fp32 and int8, gptj-ci int4)
+    "test_trained_validation.py": "trained", "test_rescore_trained.py": "trained",
 }
 
 
