@@ -150,13 +150,18 @@ def quant_settings(loaded, opts) -> dict:
     from .calibrate import activation_statistics, calibration_tokens
 
     tokens, quant["calibration"] = calibration_tokens(loaded, tuple(opts.calibration))
-    # GPTQ's Hessians are (K, K) per MatMul, held until the save step: in memory only (exporter/calibrate.py)
-    hessians = opts.quant_method == "gptq" and loaded.weights is None
-    if opts.quant_method == "gptq" and not hessians:
-        quant["calibration"]["gptq"] = ("not applied: a streamed model keeps no (K, K) Hessians; its MatMuls get "
-                                        "the weighted scale search")
-    if tokens is not None:
-        quant["importance"], quant["hessians"] = activation_statistics(loaded, tokens, hessians=hessians)
+    if tokens is None:
+        return quant
+    # GPTQ's Hessians are (K, K) per MatMul: in memory, all from one float forward, held until the save step; a
+    # streamed model makes each when the save step quantizes its weight, block by block (exporter/layerwise.py)
+    streamed_gptq = opts.quant_method == "gptq" and loaded.weights is not None
+    quant["importance"], quant["hessians"] = activation_statistics(
+        loaded, tokens, hessians=opts.quant_method == "gptq" and not streamed_gptq)
+    if streamed_gptq:
+        from .layerwise import LayerwiseHessians
+
+        quant["hessians"] = LayerwiseHessians(loaded, tokens)
+        quant["calibration"]["gptq"] = LayerwiseHessians.RECORD
     return quant
 
 

@@ -12,10 +12,11 @@
 
 A streamed model (larger than memory) has no weights in memory: each module's parameters are read from the
 checkpoint just before it runs and dropped right after, so the forward holds one module's weights at a time (the
-largest: GPT-J's embedding or lm_head, 0.8 GB in float32). Self-sampling would need a streamed forward per new
-token, so a streamed model is calibrated on --calibration files only. Nor does a streamed model get Hessians:
-they would be held until the save step quantizes their weights (GPT-J-6B: 28 x (3 x 64 MB + 1 GiB) in float32),
-so its GPTQ falls back to the diagonal (the scale search), and the manifest says so.
+largest: GPT-J's embedding or lm_head, 0.8 GB in float32). Its self-sampling is the same generate with the weights
+so streamed: one pass over the checkpoint per sampled token (LENGTH - 1 = 63 passes; for GPT-J-6B a few seconds
+each from a page-cached fp16 checkpoint, about half a minute generating random weights), which --calibration FILE
+avoids. Its GPTQ Hessians are not all held: exporter/layerwise.py makes each when the save step quantizes its
+weight, block by block.
 """
 
 from __future__ import annotations
@@ -65,25 +66,32 @@ def calibration_tokens(loaded, files: tuple[str, ...] = (), sequences: int = SEQ
     if getattr(loaded, "task", "text-generation") != "text-generation":
         return None, {"source": "none", "reason": f"a {loaded.task} model cannot sample text to calibrate on; "
                                                   f"pass --calibration FILE"}
+    record = {"source": "self-sampled", "sequences": sequences, "tokens_per_sequence": length, "seed": SAMPLE_SEED,
+              "sampling": "temperature 1, no top-k/top-p, from the bos token"}
     if loaded.weights is not None:
-        return None, {"source": "none", "reason": "a streamed model cannot sample itself cheaply (one streamed "
-                                                  "forward per token); pass --calibration FILE"}
-    return _self_sample(loaded, sequences, length), {
-        "source": "self-sampled", "sequences": sequences, "tokens_per_sequence": length, "seed": SAMPLE_SEED,
-        "sampling": "temperature 1, no top-k/top-p, from the bos token"}
+        record["streamed"] = f"{length - 1} passes over the streamed weights, one per sampled token"
+    return _self_sample(loaded, sequences, length), record
 
 
 def _self_sample(loaded, sequences: int, length: int) -> np.ndarray:
     import torch
 
+    from .stream import parameter_aliases
+
     config = loaded.model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
     torch.manual_seed(SAMPLE_SEED)
     start = torch.full((sequences, 1), bos, dtype=torch.long)
-    with torch.no_grad():
-        out = loaded.model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
-                                    top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=length - 1,
-                                    min_new_tokens=length - 1, pad_token_id=config.eos_token_id)
+    model = loaded.model
+    handles = [] if loaded.weights is None else _stream_parameters(model, loaded.weights, parameter_aliases(model))
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
+                                 pad_token_id=config.eos_token_id)
+    finally:
+        for h in handles:
+            h.remove()
     return out.numpy()
 
 

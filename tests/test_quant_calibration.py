@@ -61,18 +61,18 @@ def test_streamed_int4_export_with_calibration(ckpt, text_file, tmp_path):
     assert q["calibration"]["source"] == "files" and q["calibration"]["files"] == ["calib.txt"]
     assert q["calibrated_matmuls"] == result.manifest["passes"]["counts"]["int4_matmuls"] == 13
     assert q["symmetric"] and q["kept_8bit"] and list(q["kept_8bit"].values()) == ["lm_head"]
-    # GPTQ (the default method) needs Hessians held until the save step: a streamed export gets the search, and
-    # says so; its weights always go to model.onnx.data (an inline graph would be serialized whole in memory)
-    assert q["gptq_matmuls"] == 0 and "streamed model keeps no (K, K) Hessians" in q["calibration"]["gptq"]
+    # GPTQ (the default method) with Hessians made block by block (exporter/layerwise.py), and says so; its weights
+    # always go to model.onnx.data (an inline graph would be serialized whole in memory)
+    assert q["gptq_matmuls"] == 13 and q["calibration"]["gptq"].startswith("sequential, block by block")
     assert (result.output / "model.onnx.data").is_file()
 
 
-def test_streamed_without_files_says_why_uncalibrated(ckpt, tmp_path):
+def test_streamed_without_files_calibrates_on_its_own_samples(ckpt, tmp_path):
     result = export(ExportOptions(model=str(ckpt), output=str(tmp_path / "a"), stream=True, dtype="int4",
                                   validate=False))
     q = result.manifest["passes"]["quantization"]
-    assert q["calibration"]["source"] == "none" and "--calibration" in q["calibration"]["reason"]
-    assert q["calibrated_matmuls"] == 0
+    assert q["calibration"]["source"] == "self-sampled" and "streamed weights" in q["calibration"]["streamed"]
+    assert q["calibrated_matmuls"] == q["gptq_matmuls"] == 13
 
 
 def test_in_memory_self_calibration_and_block_size(ckpt, tmp_path):

@@ -132,13 +132,24 @@ def _nbits_by_columns(w: np.ndarray, bits: int, block_size: int, method: str,
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _gptq_by_columns(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """gptq.quantize_blocks over chunks of output columns (GPTQ treats each output column on its own; H^-1 is
-    factored once)."""
-    prepared = gptq.prepare(hessian, w.shape[0], block_size)
+def _gptq_by_columns(load, k: int, bits: int, block_size: int,
+                     hessian: np.ndarray | gptq.HessianSource) -> tuple[np.ndarray, np.ndarray]:
+    """gptq.quantize_blocks of load() (K, N) over chunks of output columns (GPTQ treats each output column on its
+    own; H^-1 is factored once). The Hessian is prepared before the weight is read: a lazy one
+    (gptq.HessianSource) runs the model's modules to be made (GPT-J-6B's 0.8 GB lm_head would be held twice), and
+    is told the result."""
+    lazy = not isinstance(hessian, np.ndarray)
+    prepared = gptq.prepare_source(hessian, k, block_size) if lazy else gptq.prepare(hessian, k, block_size)
+    w = load()
+    if w.shape[0] != k:
+        raise ValueError(f"weight has K {w.shape[0]}, its Hessian {k}")
     step = max(1, min(_COLUMNS, _SEARCH_VALUES // max(w.shape[0], 1)))
     parts = [gptq.quantize_blocks(w[:, c:c + step], bits, block_size, prepared) for c in range(0, w.shape[1], step)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    del prepared  # U (K, K): 1 GiB for GPT-J-6B's fc_out
+    out = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if lazy:
+        hessian.quantized(*out, bits, block_size)
+    return out
 
 
 def _int8_by_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +297,8 @@ def quantize_int4(model: ir.Model, block_size: int = 32, accuracy_level: int = 4
             compensation with `hessians`; a MatMul without a Hessian gets the search).
         importance: initializer name -> (K,) mean squared activation of each input channel (calibration); the
             search weights each weight's error by it. MatMuls without an entry use uniform weights.
-        hessians: initializer name -> (K, K) mean x x^T of the MatMul's input over the calibration tokens (gptq).
+        hessians: initializer name -> (K, K) mean x x^T of the MatMul's input over the calibration tokens (gptq),
+            or a gptq.HessianSource that makes it when the weight is quantized (a streamed export).
         keep_8bit: the rule for sensitive MatMuls kept at 8 bits: LM_HEAD ("lm_head", the MatMul computing the
             logits) and/or fnmatch patterns over initializer or node names ("*h.0.mlp.c_proj*").
         summary: if given, filled with the bits of each MatMul and what the rule matched.
@@ -367,7 +379,7 @@ def _nbits_node(graph: ir.Graph, site: WeightMatMul, bits: int, block_size: int,
     if importance is not None and np.asarray(importance).shape != (k,):
         raise ValueError(f"importance of {site.source_name!r} has shape {np.asarray(importance).shape}, K is {k}")
     if hessian is not None:
-        parts = _Shared(lambda: _gptq_by_columns(site.load(), bits, block_size, hessian), parts=2)
+        parts = _Shared(lambda: _gptq_by_columns(site.load, k, bits, block_size, hessian), parts=2)
     else:
         parts = _Shared(lambda: _nbits_by_columns(site.load(), bits, block_size, method, importance), parts=2)
     name = site.weight_name
@@ -412,7 +424,7 @@ def _token_nodes(graph: ir.Graph, site: WeightMatMul, method: str, importance: n
         nodes, quantized[site.x] = _token_quantize(graph, site.x, k, name.rsplit("/", 1)[0] + "/token_quant")
     xq, xs = quantized[site.x]
     if hessian is not None:
-        compute = lambda: _codes_int8(*_gptq_by_columns(site.load(), 8, k, hessian), k)  # noqa: E731
+        compute = lambda: _codes_int8(*_gptq_by_columns(site.load, k, 8, k, hessian), k)  # noqa: E731
     else:
         compute = lambda: _codes_int8(*_nbits_by_columns(site.load(), 8, k, method, importance), k)  # noqa: E731
     parts = _Shared(compute, parts=2)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from wheelhouse import DEFAULT, MARKER, TORCH, fill
+from wheelhouse import DEFAULT, MARKER, TORCH, fill, requirements
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -30,7 +30,8 @@ def wheelhouse() -> Path:
     """GPTEXPORT_WHEELHOUSE (what .ci/run filled), else build/wheelhouse, filled here once when run locally."""
     given = os.environ.get("GPTEXPORT_WHEELHOUSE")
     directory = Path(given) if given else DEFAULT
-    if not (directory / MARKER).is_file():
+    marker = directory / MARKER
+    if not marker.is_file() or marker.read_text() != "\n".join(requirements()) + "\n":  # missing, or stale
         if given or os.environ.get("CI"):
             pytest.fail(f"wheelhouse {directory} is missing or incomplete (no {MARKER}): .ci/run fills it with "
                         f"`python tests/wheelhouse.py {directory}` before pytest; tests install offline")
