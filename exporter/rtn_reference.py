@@ -30,8 +30,23 @@ _HOOKED = ("Linear", "Conv1D")  # torch.nn.Linear (GPT-J, lm_head) and transform
 ACTIVATION_MAX = 127.0  # int8 activations, symmetric
 
 
+_CHUNK = 1 << 22  # weights rounded at a time: GPT-J-6B's lm_head (4096 x 50400) whole would take ~4 GB of temporaries
+
+
 def rtn_weight(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """w (K, N) as symmetric round to nearest in blocks of `block` along K reconstructs it (nbits.py's "rtn")."""
+    """w (K, N) as symmetric round to nearest in blocks of `block` along K reconstructs it (nbits.py's "rtn"); a
+    chunk of output columns at a time (each column's blocks are its own), so the temporaries stay small."""
+    k, n = w.shape
+    step = max(1, _CHUNK // max(k, 1))
+    if n <= step:
+        return _rtn_columns(w, bits, block)
+    out = torch.empty(k, n, dtype=torch.float32)
+    for c in range(0, n, step):
+        out[:, c:c + step] = _rtn_columns(w[:, c:c + step], bits, block)
+    return out
+
+
+def _rtn_columns(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     k, n = w.shape
     blocks = -(-k // block)
     padded = torch.zeros(blocks * block, n, dtype=torch.float32)

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from gptexport.exporter.artifact import open_session
 from gptexport.exporter.build import ExportOptions, export
 from gptexport.exporter.load import load
+from gptexport.exporter import rtn_reference
 from gptexport.exporter.rtn_reference import quantized_activation, rtn_forward, rtn_weight
 from gptexport.exporter.tokenizer import gpt2_tokenizer
 from gptexport.exporter.validate import streamed_full_check, validate
@@ -41,11 +42,14 @@ HEAD_GAIN = 10.0  # logits' std 1.6; at 25 (16 layers) the good GPTQ export meas
 WIDE = 3.0  # a broken export's mean KL is at least this many times its limit
 
 
-def test_rtn_weight_is_nbits_rtn_and_activations_round_per_block():
+def test_rtn_weight_is_nbits_rtn_and_activations_round_per_block(monkeypatch):
     w = np.random.default_rng(0).standard_normal((96, 24)).astype(np.float32)
     for bits, block in ((4, 32), (8, 32), (4, 64)):
         want = nbits.dequantize_blocks(*nbits.quantize_blocks(w, bits, block, "rtn"), bits, 96)
         assert np.array_equal(rtn_weight(torch.from_numpy(w), bits, block).numpy(), want)
+        with monkeypatch.context() as m:
+            m.setattr(rtn_reference, "_CHUNK", 96 * 5)  # columns 5 at a time: the same numbers
+            assert np.array_equal(rtn_weight(torch.from_numpy(w), bits, block).numpy(), want)
     x = torch.tensor([[1.0, -0.5, 0.25, 0.126, 10.0, 0.01, 0.0, 0.0]])
     q = quantized_activation(x, 4)
     assert abs(float(q[0, 0]) - 1.0) < 1e-6 and abs(float(q[0, 4]) - 10.0) < 1e-5  # each block's extreme: its own code
