@@ -120,9 +120,8 @@ def worker(args) -> dict:
 
         shared = args.engine.endswith("-sb")
         model = runtime.load(args.shared if shared else args.artifact, threads=args.threads)
+        # a draft as a user names it, its directory: the runtime loads it (the target's threads, not spinning)
         spec = {"plain": None, "lookup": "prompt_lookup", "draft": args.draft}[args.engine.removesuffix("-sb")]
-        if spec is not None and args.engine.startswith("draft"):
-            spec = runtime.load(spec, threads=args.threads)
 
         def generate(texts, n):
             result = model.generate(texts, max_new_tokens=n, min_new_tokens=n, do_sample=False, speculative=spec,

@@ -31,13 +31,18 @@ batched step and only the drafting rows run alone after it.
                                                       [d1..dn_b] (1, n_b)
 ```
 
-Speculation backs off when drafts are rejected (`_Schedule`): K follows transformers' heuristic for assisted
+Speculation backs off when it does not pay (`_Schedule`): K follows transformers' heuristic for assisted
 generation (+2 when every draft was accepted, -1 otherwise), and a round with nothing accepted pauses speculation
-for 1, 2, 4 .. 32 plain steps, so text the drafts cannot predict costs little more than plain decoding. A round
-whose drafting took longer than the target steps its accepted drafts saved (a draft model too big for its
-target) counts as accepting nothing, so a slow draft backs off too. A batch checked row by row costs a call per
-drafting row, so there every row drafts only while that is measured to pay (`_RowSchedule`): otherwise one row
-probes now and then, between plain steps.
+for 1, 2, 4 .. 32 plain steps, so text the drafts cannot predict costs little more than plain decoding. Every
+round is timed whole (drafting and the draft's catch-up, checking, the choices, the caches' bookkeeping), and so
+are the plain rounds of the same call, which run the plain loop's own step: a round that took longer than the
+plain rounds that emit as many tokens did not pay either, and pauses until what it lost is 5 % of the plain time
+since. When not even every draft accepted would have paid, it is the draft's cost (a draft model too slow for
+its target on this machine: on CPU both are often bound by the same 50k-wide output layer), and a verdict kept
+on the target for that draft and batch size holds later calls plain too, probing again rarely (twice as rarely
+after each failed probe); the draft's prefill waits for its first round, so such calls never pay it. A batch
+checked row by row costs a call per drafting row, so there every row drafts only while that is measured to pay
+(`_RowSchedule`): otherwise one row probes now and then, between plain steps.
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 
 import numpy as np
 
 from .errors import GenerationError
 from .kv import SharedKVCache
 
-from .sampling import SamplingParams, next_token_probs, next_tokens, sample
+from .sampling import SamplingParams, next_token_probs, next_tokens, next_tokens_each, sample
 
 INDEX_DIM = "batch_x_positions"  # graphs/shared_kv.py (the runtime does not import graphs)
 
@@ -61,6 +67,9 @@ DEFAULT_LOOKUP_TOKENS = 10  # K with prompt lookup, whose drafts cost nothing (t
 MAX_SPECULATIVE_TOKENS = 64
 NGRAM_SIZES = (3, 2, 1)  # prompt lookup: the longest suffix of the text that occurred before wins
 MAX_PAUSE = 32  # plain steps at most between two rounds that accepted nothing
+PROBE_LOSS = 0.05  # rounds that do not pay may cost this share of the plain decoding between them (`_probe_pause`)
+MAX_COST_PAUSE = 4096  # plain steps at most between two probes of a draft too slow for its target (`_Verdict`)
+_clock = time.perf_counter  # what times the rounds (tests freeze it: every round then pays)
 
 
 # -- drafts ------------------------------------------------------------------------------------------------------
@@ -107,6 +116,9 @@ class PromptLookup:
         self.shadows = [None] * len(seen)  # per row: (drafts, where they start) not checked by the target
         self.gains = {}  # row -> tokens a round would have emitted, found since the last `take_gains`
 
+    def take_setup(self) -> float:
+        return 0.0  # nothing to set up
+
     def propose(self, counts: list, params: SamplingParams, rng):
         """Up to counts[b] drafts per row: (id lists, None: point masses)."""
         return [self.index[b].propose(k) if k else [] for b, k in enumerate(counts)], None
@@ -144,19 +156,35 @@ class DraftModel:
 
     Its cache follows the target's text: a round first feeds what the draft has not seen (`pending`: the ids the
     target emitted since, which the draft did not draft and keep), then decodes k drafts; `accepted` rewinds the
-    drafts the target rejected.
+    drafts the target rejected. The draft's prefill waits for its first round (a call that never speculates, the
+    draft being known not to pay, never pays it); `take_setup` says how long it took.
     """
 
     def __init__(self, model, input_ids: np.ndarray, mask: np.ndarray, capacity: int, seen: list):
         self.model = model
-        self.tape = _Tape(model.decoder, len(input_ids), capacity, model.max_positions)
-        self.tape.prefill(input_ids, mask)
+        self.tape, self.prompt, self.capacity = None, (input_ids, mask), capacity
+        self.setup_s = 0.0  # the prefill's seconds, not yet taken by `take_setup`
         self.pending = [[] for _ in seen]  # per row: ids the draft's cache has not seen yet
         self.seen = [list(ids) for ids in seen]  # the draft's repetition-penalty view (its drafts included)
         self.fed = 0  # drafts of the last round that went into the draft's cache
 
+    def take_setup(self) -> float:
+        """Seconds the draft's prefill took since the last call (0 when it did not run)."""
+        setup, self.setup_s = self.setup_s, 0.0
+        return setup
+
+    def _start(self) -> None:
+        """The draft's cache and its prefill on the prompt (what was emitted since is `pending`)."""
+        began = _clock()
+        input_ids, mask = self.prompt
+        self.tape = _Tape(self.model.decoder, len(input_ids), self.capacity, self.model.max_positions)
+        self.tape.prefill(input_ids, mask)
+        self.setup_s += _clock() - began
+
     def propose(self, counts: list, params: SamplingParams, rng):
         """Up to counts[b] drafts per row, and the distributions they were drawn from (None when greedy)."""
+        if self.tape is None:
+            self._start()
         batch, k = len(counts), max(counts)
         lengths = [max(len(p), 1) for p in self.pending]  # a row with nothing pending is fed one padding id
         feed = np.full((batch, max(lengths)), self.model.pad_token_id, dtype=np.int64)  # (B, P) right-padded
@@ -257,6 +285,9 @@ class _Tape:
                                               np.zeros(batch, dtype=np.int64))[:, 0] for j in range(width)], axis=1)
             logits = logits[np.arange(batch), last][:, None, :]  # (B, 1, V)
             self.fed[:] = width
+        elif self.shared and width == 1:  # a plain step: the plain loop's own (its request's decode binding)
+            logits = self.decoder.step(tokens, None, positions, self.cache)  # (B, 1, V)
+            self.fed[:] = 1
         elif self.shared:
             index = np.broadcast_to(np.arange(width), (batch, width)) if all_logits else last
             logits = _shared_extend(self.decoder, self.cache, tokens, positions, index)
@@ -411,33 +442,115 @@ def _check_positions_index(decoder) -> None:
 
 # -- how many drafts -----------------------------------------------------------------------------------------------
 
+class _Verdict:
+    """What the calls so far found about one draft model on one target at one batch size: its rounds cost more
+    than the plain steps they replace even when every draft is accepted (the draft is too slow for its target, on
+    this machine). Calls then decode plainly (the draft is not even prefilled) for `wait` plain steps before one
+    probes again; each probe that fails again doubles the wait (`failed`), one that could pay clears it."""
+
+    def __init__(self):
+        self.pause = 0  # plain steps between probes (0: no verdict)
+        self.wait = 0  # plain steps before the next probe
+
+    def failed(self, steps: int) -> None:
+        self.pause = min(max(steps, 2 * self.pause, 1), MAX_COST_PAUSE)
+        self.wait = self.pause
+
+    def paid(self) -> None:
+        self.pause = self.wait = 0
+
+    def holds(self) -> bool:
+        """Whether this round is one of the plain steps the verdict asks for (counted)."""
+        if self.wait <= 0:
+            return False
+        self.wait -= 1
+        return True
+
+
+def _verdict(model, draft, batch: int) -> _Verdict:
+    """The verdict on `draft` drafting for `model` at `batch` rows (kept on the target while the draft lives)."""
+    with _DRAFT_LOCK:
+        table = model.__dict__.setdefault("_verdicts", weakref.WeakKeyDictionary())
+        return table.setdefault(draft, {}).setdefault(batch, _Verdict())
+
+
+def _probe_pause(loss: float, step_s: float) -> int:
+    """Plain steps after a round that lost `loss` seconds against plain decoding (plain steps of step_s), so that
+    such rounds cost at most PROBE_LOSS of the time: a cheap miss (prompt lookup's) pauses little."""
+    if loss <= 0:
+        return 0
+    if step_s <= 0:
+        return MAX_COST_PAUSE
+    return min(int(np.ceil(loss / (PROBE_LOSS * step_s) - 1e-9)), MAX_COST_PAUSE)  # (not 61 for 60 + rounding)
+
+
 class _Schedule:
     """K per round: +2 when every draft was accepted, -1 otherwise (transformers' heuristic); a round that accepted
-    nothing pauses speculation for 1, 2, 4 .. MAX_PAUSE plain steps (reset by a round that accepted any).
+    nothing pauses speculation for 1, 2, 4 .. MAX_PAUSE plain steps (reset by a round that paid).
+
+    Timed (the loop passes each round's wall time, set-up of the draft excluded): a plain round's time is
+    `plain_s`, and a round that took longer than the plain rounds that emit as much (its `gain`: tokens of the
+    slowest row) did not pay either; it pauses at least until the time it lost is PROBE_LOSS of the plain time
+    (`_probe_pause`, the draft's set-up counted in). A round that would not pay even with every draft accepted
+    (`best`: 1 + drafts a row) is the draft's cost, not the text's: the `verdict` (kept across calls) then holds
+    speculation off for that long, doubling at each failed probe. A draft model's rounds before any plain round
+    was timed are judged once one is, and the round after such a round is plain.
 
     Args:
         k_max: drafts per round at most.
+        verdict: a draft model's `_Verdict` (None: prompt lookup, or not timed).
     """
 
-    def __init__(self, k_max: int):
+    def __init__(self, k_max: int, verdict: "_Verdict | None" = None):
         self.k_max, self.k = k_max, k_max
         self.pause, self.wait = 0, 0
+        self.plain_s = None  # a plain round's seconds, a running mean (timed)
+        self.verdict = verdict
+        self.unjudged = []  # a draft model's rounds before a plain one was timed: judged once one is
 
     def next_k(self) -> int:
+        if self.verdict is not None and self.verdict.holds():  # this call's own pause runs out meanwhile
+            self.wait = max(self.wait - 1, 0)
+            return 0
         if self.wait > 0:
             self.wait -= 1
             return 0
         return self.k
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, round_s=None, gain: int = 1, best: int = 1,
+               setup_s: float = 0.0) -> None:
+        """A round's outcome: drafts checked and accepted (0 drafted: a plain round); timed, its seconds
+        (round_s, the draft's set-up excluded), the tokens its slowest live row emitted (gain) and could have
+        with every draft accepted (best), and the draft's set-up seconds this round (setup_s)."""
         if drafted == 0:
+            if round_s is not None:
+                self.plain_s = _mean(self.plain_s, round_s)
+                for outcome in self.unjudged:
+                    self._judge(*outcome)
+                self.unjudged = []
             return
         self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, self.k - 1)
-        if accepted == 0:
-            self.pause = min(max(1, 2 * self.pause), MAX_PAUSE)
-            self.wait = self.pause
-        else:
+        if round_s is not None and self.plain_s is None and self.verdict is not None:
+            self.unjudged.append((accepted, round_s, gain, best, setup_s))  # a draft model: time a plain round next
+            self.wait = max(self.wait, 1)
+            return
+        self._judge(accepted, round_s, gain, best, setup_s)
+
+    def _judge(self, accepted: int, round_s, gain: int, best: int, setup_s: float) -> None:
+        paid, lost = accepted > 0, 0
+        if round_s is not None and self.plain_s is not None:
+            loss = round_s - self.plain_s * gain
+            paid, lost = paid and loss <= 0, _probe_pause(loss + setup_s, self.plain_s)
+            if self.verdict is not None:
+                if round_s > self.plain_s * best:  # even every draft accepted would not have paid
+                    self.verdict.failed(lost)
+                else:
+                    self.verdict.paid()
+        if paid:
             self.pause = 0
+            return
+        self.pause = min(max(1, 2 * self.pause), MAX_PAUSE)
+        self.wait = max(self.wait, self.pause, lost)
 
 
 class _RowSchedule(_Schedule):
@@ -452,11 +565,14 @@ class _RowSchedule(_Schedule):
     that pays and never pays a call to learn that none does. A draft model's gains are known only by checking,
     and its drafts cost steps of its own (and, after plain steps, feeding it what it missed): one row probes
     (in a round that steps the others batched), the rows not checked yet are taken to gain what the checked
-    ones did, and once a probe or round finds that speculation does not pay, the batch decodes plainly to the end.
+    ones did, and once a probe or round finds that speculation does not pay, the batch decodes plainly to the end;
+    when even every draft accepted would not pay (the draft's cost), the `verdict` remembers it across calls, as
+    `_Schedule`'s.
     """
 
-    def __init__(self, k_max: int, batch: int, shadowed: bool):
+    def __init__(self, k_max: int, batch: int, shadowed: bool, verdict: "_Verdict | None" = None):
         super().__init__(k_max)
+        self.verdict = verdict  # a draft model's (see `_Schedule`): held off while it says so
         self.wait = 1  # the first round is a plain step: it times one
         self.step_s = self.row_s = None
         self.draft_s = 0.0  # drafting per round (a draft model's steps; prompt lookup's are ~0)
@@ -469,7 +585,7 @@ class _RowSchedule(_Schedule):
         """Rows that draft this round: every live one when that pays, else [] (a plain step) or one row (a
         probe, between pauses: a draft model, whose gains are known only by checking)."""
         on = [b for b, flag in enumerate(live) if flag]
-        if self.off:
+        if self.off or (self.verdict is not None and self.verdict.holds()):
             return []
         if self._pays(on):
             return on
@@ -495,20 +611,22 @@ class _RowSchedule(_Schedule):
         return self.draft_s + len(on) * self._row_s() <= self.step_s * min(gains)
 
     def _could_pay(self, on: list) -> bool:
-        """The best case pays: drafts free and every one accepted (k_max + 1 tokens a row). A batch whose calls
-        row by row cost more than that many plain steps (live rows > k_max + 1 while a row's call ~ a step) cannot
-        gain from a draft model, so it is not probed (a probe costs a draft's K steps and a call for nothing) until
-        enough rows have finished."""
-        return self.step_s is None or len(on) * self._row_s() <= self.step_s * (self.k_max + 1)
+        """The best case pays: drafts at their measured cost (free before one is measured) and every one accepted
+        (k_max + 1 tokens a row). A batch whose calls row by row cost more than that many plain steps (live rows >
+        k_max + 1 while a row's call ~ a step) cannot gain from a draft model, so it is not probed (a probe costs a
+        draft's K steps and a call for nothing) until enough rows have finished."""
+        return (self.step_s is None
+                or self.draft_s + len(on) * self._row_s() <= self.step_s * (self.k_max + 1))
 
     def _row_s(self) -> float:
         """A row's call, timed; until it is, a row's call ~ a plain step."""
         return self.step_s if self.row_s is None else self.row_s
 
     def observe(self, drafting: float, checking: float, batched: bool, row_calls: int, gains: dict,
-                live: list) -> None:
-        """A round's times (drafting, checking: seconds), whether its calls began with a batched step, how many
-        rows it checked alone, and the tokens rows emitted or would have (row -> 1 + accepted)."""
+                live: list, setup_s: float = 0.0) -> None:
+        """A round's times (drafting, checking: seconds; checking is the rest of the round), whether its calls
+        began with a batched step, how many rows it checked alone, the tokens rows emitted or would have (row ->
+        1 + accepted), and the seconds the draft's set-up took this round (not in drafting)."""
         for b, gain in gains.items():
             self.gain[b] = _mean(self.gain[b], gain)
         if not row_calls:  # a plain step
@@ -517,8 +635,13 @@ class _RowSchedule(_Schedule):
         rest = checking - (self.step_s or 0.0) if batched else checking
         self.row_s = _mean(self.row_s, max(rest, 0.0) / row_calls)
         self.draft_s = _mean(self.draft_s, drafting)
-        if not self._pays([b for b, flag in enumerate(live) if flag]):
-            self.off = not self.shadowed
+        on = [b for b, flag in enumerate(live) if flag]
+        if self._pays(on) or self.shadowed:
+            return
+        if self.verdict is None or self._could_pay(on):  # the text's drafts did not pay: plain to the end
+            self.off = True
+        else:  # not even every draft accepted would pay: the draft's cost, remembered (a probe: about a step gained)
+            self.verdict.failed(_probe_pause(drafting + checking - self.step_s + setup_s, self.step_s))
 
 
 def _mean(old, new: float) -> float:
@@ -561,19 +684,39 @@ def resolve(model, speculative):
         with _DRAFT_LOCK:
             drafts = model.__dict__.setdefault("_drafts", {})
             if key not in drafts:
-                loaded = load(speculative, provider=model.decoder.provider)
-                _check_draft(model, loaded)  # once: comparing two 50k-token vocabularies costs ~0.1 s a call
+                # the target's threads, not spinning: the two sessions take turns on the same cores, and a
+                # draft's idle threads spinning through the target's calls slowed both (bench/speculative_bench.py)
+                threads = model.decoder.session.get_session_options().intra_op_num_threads or None
+                loaded = load(speculative, provider=model.decoder.provider, threads=threads, spin_threads=False)
+                _compare_vocabularies(model, loaded)  # once: loaded here, no one else holds it
                 drafts[key] = loaded
             return drafts[key]
     else:
         raise GenerationError(f"speculative must be None, {PROMPT_LOOKUP!r} or a draft artifact directory, got "
                               f"{type(speculative).__name__}")
     if draft is not PROMPT_LOOKUP:
-        _check_draft(model, draft)  # a Model the caller passed: checked on every call, it may have changed
+        _check_draft(model, draft)  # a Model the caller passed: it may have changed since (see `_check_draft`)
     return draft
 
 
 def _check_draft(model, draft) -> None:
+    """Refuse a draft whose vocabulary is not the target's. Comparing two 50k-token vocabularies costs ~0.1 s, so
+    a draft found equal is remembered with its tokenizer object and vocabulary size: a new or grown tokenizer
+    (`add_tokens`) is compared again."""
+    tokenizers = (draft.tokenizer, model.tokenizer)  # held, so that an id is never another object's
+    sizes = tuple(t.get_vocab_size(with_added_tokens=True) for t in tokenizers) + (
+        model.manifest["config"]["vocab_size"], draft.manifest["config"]["vocab_size"])
+    with _DRAFT_LOCK:
+        checked = model.__dict__.setdefault("_checked_drafts", weakref.WeakKeyDictionary())
+        seen = checked.get(draft)
+        if seen is not None and all(a is b for a, b in zip(seen[0], tokenizers)) and seen[1] == sizes:
+            return
+    _compare_vocabularies(model, draft)
+    with _DRAFT_LOCK:
+        checked[draft] = (tokenizers, sizes)
+
+
+def _compare_vocabularies(model, draft) -> None:
     ours, theirs = model.manifest["config"]["vocab_size"], draft.manifest["config"]["vocab_size"]
     if ours != theirs:
         raise GenerationError(f"draft model's vocabulary has {theirs} tokens, the target's {ours}: a draft must "
@@ -610,13 +753,16 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         token, _ = _choose(row, seen[b], logits[b], None, None, params, rng, eos)
         _emit(model, row, seen[b], logits[b], token, stops, live_text, eos, logprobs)
     drafter.accepted([list(row.tokens) for row in rows])
-    schedule = (_RowSchedule(k_max, batch, draft == PROMPT_LOOKUP) if tape.rowwise else _Schedule(k_max))
+    verdict = None if draft == PROMPT_LOOKUP else _verdict(model, draft, batch)
+    schedule = (_RowSchedule(k_max, batch, draft == PROMPT_LOOKUP, verdict) if tape.rowwise
+                else _Schedule(k_max, verdict))
     stats.new_tokens = 1
     yield 1
     while True:
         live = [_live(row, params) for row in rows]
         if not any(live):
             break
+        began = _clock()  # the whole round is timed: drafting, checking, the choices, the caches' bookkeeping
         if tape.rowwise:
             drafting_rows = set(schedule.rows(live))
             k = schedule.k if drafting_rows else 0
@@ -627,17 +773,19 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         room = [min(k, params.max_new_tokens - len(row.tokens) - 1)
                 if on and (drafting_rows is None or b in drafting_rows) else 0
                 for b, (row, on) in enumerate(zip(rows, live))]
-        began = time.perf_counter()
         drafts, dists = drafter.propose(room, params, rng) if max(room) > 0 else ([[] for _ in rows], None)
-        drafting = time.perf_counter() - began
+        setup = drafter.take_setup()  # a draft model's deferred prefill: once a call, not a round's cost
+        drafting = _clock() - began - setup
         feed = np.full((batch, 1 + max(len(d) for d in drafts)), model.pad_token_id, dtype=np.int64)  # (B, 1+n)
         for b, ids in enumerate(drafts):
             feed[b, 0] = seen[b][-1]  # t: the last emitted id (a finished row: padding, as the plain loop)
             feed[b, 1:1 + len(ids)] = ids
         logits = tape.extend(feed, [1 + len(d) for d in drafts], live=live)  # (B, 1+n, V)
-        checking = time.perf_counter() - began - drafting
         emitted, kept = [], []
-        for b, row in enumerate(rows):
+        if feed.shape[1] == 1:  # no drafts: a plain step, every row's choice at once (as `Model._advance`)
+            emitted, kept = _plain_round(model, rows, seen, logits[:, 0, :], live, params, rng, stops, live_text,
+                                         eos, logprobs)
+        for b, row in enumerate(rows if feed.shape[1] > 1 else ()):
             if not live[b]:  # a finished row is fed padding and keeps one column per round, as in the plain loop
                 seen[b].append(model.pad_token_id)
                 emitted.append([])
@@ -651,16 +799,17 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
         drafter.accepted(emitted)
         drafted = sum(len(d) for d in drafts)
         accepted = sum(len(e) - 1 for e in emitted if e)
+        round_s = _clock() - began - setup
         if tape.rowwise:  # several calls a round: which rows draft is decided on measured tokens per second
             gains = drafter.take_gains() if schedule.shadowed else {}
             gains.update({b: len(e) for b, (e, d) in enumerate(zip(emitted, drafts)) if d})
-            schedule.observe(drafting, checking, tape.batched, tape.row_calls, gains, live)
+            schedule.observe(drafting, round_s - drafting, tape.batched, tape.row_calls, gains, live, setup)
             if drafted:
                 schedule.k = min(schedule.k + 2, k_max) if accepted == drafted else max(1, schedule.k - 1)
-        else:
-            # a draft model slower than the steps its accepted drafts saved counts as a round that accepted
-            # nothing (a target step is about one checking call: both read the weights once)
-            schedule.update(drafted, accepted if drafting < accepted * checking else 0)
+        else:  # a batch is done when its slowest row is: that row's tokens are what the round gained
+            going = [len(e) for e, row in zip(emitted, rows) if e and _live(row, params)]
+            schedule.update(drafted, accepted, round_s if going or not drafted else None,
+                            min(going, default=1), 1 + max(len(d) for d in drafts), setup)
         stats.drafted += drafted
         stats.accepted += accepted
         stats.new_tokens = max(len(row.tokens) for row in rows)
@@ -670,6 +819,30 @@ def run(model, draft, k_max: int, rows: list, params: SamplingParams, rng, stops
     if not live_text:
         for row in rows:
             row.text = model._decode([t for t in row.tokens if t != eos])
+
+
+def _plain_round(model, rows: list, seen: list, logits: np.ndarray, live: list, params, rng, stops, live_text,
+                 eos, logprobs: bool):
+    """A round without drafts: each live row's next token from its (V,) logits, chosen for the batch at once by
+    the plain loop's rule (`next_tokens_each`: one argmax for greedy rows), its log-probability in one pass.
+    Returns (emitted, kept) as the drafting rounds' (a finished row: fed padding, one column kept)."""
+    from .model import _log_softmax_at
+
+    on = [b for b, flag in enumerate(live) if flag]
+    tokens = next_tokens_each(logits[on], [params] * len(on), [seen[b] for b in on],
+                              [len(rows[b].tokens) for b in on], [eos] * len(on), [rng] * len(on)).tolist()
+    values = _log_softmax_at(logits[on], np.array(tokens)).tolist() if logprobs else None
+    emitted = [[] for _ in rows]
+    for b in range(len(rows)):
+        if not live[b]:
+            seen[b].append(model.pad_token_id)
+    for i, (b, token) in enumerate(zip(on, tokens)):
+        seen[b].append(token)
+        if logprobs:
+            rows[b].logprobs.append(values[i])
+        model._emit(rows[b], token, stops, live_text, eos)
+        emitted[b] = [token]
+    return emitted, [1] * len(rows)
 
 
 def _live(row, params) -> bool:

@@ -9,6 +9,7 @@ in tests/quality/test_speculative_trained.py.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -25,6 +26,13 @@ from runtime_decoding.test_sampling_distribution import ALPHA, goodness_of_fit, 
 # Text the tiny random models loop on, so drafts get accepted and rejected both
 PROMPTS = ["Hello world, hello world, hello world", "a b c d a b c d a b", "The cat sat on the mat. The cat"]
 NEW = 24
+
+
+@pytest.fixture(autouse=True)
+def free_rounds(monkeypatch):
+    """Rounds timed by a stopped clock cost nothing, so every round pays and these tests speculate whatever the
+    machine's speed (whether a round pays is timed: tested with injected costs below, `timed_sessions`)."""
+    monkeypatch.setattr(spec, "_clock", lambda: 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +104,11 @@ def test_shared_buffer_batch_checks_row_by_row_and_equals_plain(models, every_ro
     assert_same_tokens(shared, BATCH, "prompt_lookup", k, max_new_tokens=NEW, repetition_penalty=1.3)
 
 
-def test_shared_buffer_batch_schedule_as_measured_equals_plain(models):
+def test_shared_buffer_batch_schedule_as_measured_equals_plain(models, monkeypatch):
     """The real schedule (rows draft when it is measured to pay; a draft model probes one row at a time)."""
+    monkeypatch.setattr(spec, "_clock", time.perf_counter)
     _, draft_dir, shared, _ = models
+    assert_same_tokens(shared, BATCH[0], str(draft_dir), 4, max_new_tokens=NEW)  # batch 1: `_Schedule`, timed
     for source in ("prompt_lookup", str(draft_dir)):
         assert_same_tokens(shared, BATCH, source, 4, max_new_tokens=NEW)
 
@@ -223,6 +233,105 @@ def test_schedule_grows_shrinks_and_pauses():
     assert s.pause == spec.MAX_PAUSE and s.k == 1
     s.update(1, 1)
     assert s.pause == 0 and s.next_k() == 3
+
+
+def test_timed_schedule_switches_a_slow_draft_off_and_keeps_one_that_pays():
+    """Injected timings: a plain round takes 3 ms; a round of 5 drafts, all accepted (6 tokens), 25 ms (its 6
+    plain steps: 18 ms) is the draft's cost; the verdict holds speculation off for the plain steps that make the
+    loss PROBE_LOSS of the time, across calls, and doubles at the next failed probe."""
+    verdict = spec._Verdict()
+    s = spec._Schedule(5, verdict)
+    assert s.next_k() == 5  # the first round speculates
+    s.update(5, 5, 0.025, gain=6, best=6, setup_s=0.002)
+    assert verdict.pause == 0 and s.next_k() == 0  # not judged before a plain round is timed: the next is one
+    s.update(0, 0, 0.003)  # judged now: 7 ms lost, + 2 ms of the draft's prefill
+    pause = 60  # 9 ms lost: 5 % of 60 plain steps of 3 ms
+    assert verdict.pause == pause
+    assert [s.next_k() for _ in range(pause)] == [0] * pause and s.next_k() == 5  # then one probe
+    s.update(5, 5, 0.025, gain=6, best=6)
+    assert verdict.pause == 2 * pause  # failed again: twice as long
+    later = spec._Schedule(5, verdict)  # the next call starts where this one left off: plain
+    assert [later.next_k() for _ in range(2 * pause)] == [0] * 2 * pause and later.next_k() == 5
+    paying = spec._Schedule(5, spec._Verdict())  # 12 ms for 6 tokens that cost 18 ms plainly
+    assert paying.next_k() == 5
+    paying.update(5, 5, 0.012, gain=6, best=6)
+    assert paying.next_k() == 0
+    paying.update(0, 0, 0.003)
+    for _ in range(20):
+        assert paying.next_k() == 5
+        paying.update(5, 5, 0.012, gain=6, best=6)
+    assert paying.verdict.pause == 0
+    text = spec._Schedule(5, spec._Verdict())  # cheap drafts the text rejects: a pause, no verdict
+    text.plain_s = 0.003
+    text.update(5, 1, 0.009, gain=2, best=6)  # 2 tokens in 9 ms (3 ms lost), but 6 tokens would have paid
+    assert text.verdict.pause == 0 and [text.next_k() for _ in range(20)] == [0] * 20 and text.next_k() == 4
+
+
+class _TimedSession:
+    """An onnxruntime session whose every run advances a fake clock by `cost` seconds (injected timings)."""
+
+    def __init__(self, session, clock: list, cost: float):
+        self.session, self.clock, self.cost, self.runs = session, clock, cost, 0
+
+    def _tick(self):
+        self.clock[0] += self.cost
+        self.runs += 1
+
+    def run(self, *args, **kwargs):
+        self._tick()
+        return self.session.run(*args, **kwargs)
+
+    def run_with_iobinding(self, *args, **kwargs):
+        self._tick()
+        return self.session.run_with_iobinding(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.fixture
+def timed_sessions(monkeypatch):
+    """(load): a fresh target whose own artifact drafts for it (every draft accepted), each session's runs costing
+    the given seconds on the clock that times the rounds."""
+    clock = [0.0]
+    monkeypatch.setattr(spec, "_clock", lambda: clock[0])
+
+    def load(artifact_dir, target_s: float, draft_s: float):
+        target = runtime.load(artifact_dir)
+        draft = spec.resolve(target, str(artifact_dir))
+        target.decoder.session = _TimedSession(target.decoder.session, clock, target_s)
+        draft.decoder.session = _TimedSession(draft.decoder.session, clock, draft_s)
+        return target, draft
+
+    return load
+
+
+@pytest.mark.parametrize("layout", ["concat", "shared_buffer"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_draft_that_costs_more_than_it_saves_is_switched_off(models, tiny_export, timed_sessions, layout, batch):
+    """Every draft accepted, but a draft step costs 1.5 target steps: the call probes once and finishes plain,
+    the next call with this draft and batch drafts nothing and does not even prefill the draft; the tokens are
+    plain greedy's."""
+    artifact = models[3] if layout == "shared_buffer" else tiny_export("gpt2")[1]
+    target, draft = timed_sessions(artifact, 0.010, 0.015)
+    prompts = PROMPTS[:batch]
+    first = assert_same_tokens(target, prompts, str(artifact), 4, max_new_tokens=NEW)
+    assert 0 < first.drafted <= 4 * batch, first  # one probe (a row of a shared_buffer batch: one row)
+    runs = draft.decoder.session.runs
+    again = assert_same_tokens(target, prompts, str(artifact), 4, max_new_tokens=NEW)
+    assert again.drafted == 0 and draft.decoder.session.runs == runs, again
+
+
+@pytest.mark.parametrize("layout", ["concat", "shared_buffer"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_draft_that_pays_keeps_speculating(models, tiny_export, timed_sessions, layout, batch):
+    """A draft step at a tenth of a target step, every draft accepted: speculation runs the whole call, and
+    again in the next."""
+    artifact = models[3] if layout == "shared_buffer" else tiny_export("gpt2")[1]
+    target, _ = timed_sessions(artifact, 0.010, 0.001)
+    for _ in range(2):
+        stats = assert_same_tokens(target, PROMPTS[:batch], str(artifact), 4, max_new_tokens=NEW)
+        assert stats.accepted >= batch * NEW // 2, stats
 
 
 def test_ngram_index_proposes_the_latest_continuation_of_the_longest_suffix():
