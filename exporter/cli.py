@@ -70,6 +70,20 @@ def validation_kind(v: dict) -> str:
     return "full: this artifact against its torch model"
 
 
+def _full_artifact(v: dict) -> str | None:
+    """A streamed export's check of the artifact itself (torch streamed block by block), in one line."""
+    full = v.get("full_artifact")
+    if not full or "kl_mean" not in full:
+        return None
+    rtn, limit = full.get("rtn_reference"), (full.get("limits") or {}).get("kl_mean")
+    extra = [f"plain RTN {rtn['kl_mean']:.3g}"] if rtn else []
+    extra += [f"limit {limit:.3g}"] if limit is not None else []
+    return (f"full artifact (against torch streamed block by block, {full['tokens']} tokens): "
+            f"{'passed' if full.get('passed') else 'FAILED'}: mean KL {full['kl_mean']:.3g}"
+            + (f" ({'; '.join(extra)})" if extra else "") + f", top-1 {full['top1_agreement'] * 100:.1f} %, "
+            f"logits max abs diff {full['logits_max_abs_diff']:.3g}{_over_std(full)}")
+
+
 def _summary(result) -> str:
     m = result.manifest
     v = m["validation"]
@@ -107,6 +121,9 @@ def _summary(result) -> str:
                      f"{'n/a' if presents is None else format(presents, '.3g')}, greedy agreement "
                      f"{v['greedy_agreement']:.3f}{_ties(v)} over {len(v['greedy_cases'])} prompts (incl. a left-padded "
                      f"batch)")
+        full = _full_artifact(v)
+        if full:
+            lines.append(full)
     return "\n".join(lines)
 
 

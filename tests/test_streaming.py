@@ -98,6 +98,8 @@ def test_streamed_external_data_threshold_cli(tiny_checkpoint, tmp_path):
     # the printed line says which validation ran, not only the manifest (issue 17, item 4)
     assert ("validation (reduced 2-layer config against torch, structural check of the full artifact): passed"
             in proc.stdout), proc.stdout
+    # and the check of the artifact itself, against torch streamed block by block, with its own figures
+    assert "full artifact (against torch streamed block by block, " in proc.stdout, proc.stdout
     assert runtime.load(str(out)).generate("Hello", max_new_tokens=4, min_new_tokens=4)
 
 
