@@ -273,9 +273,6 @@ def adopt_cli(source, output, checkpoint, force, fuse, strict, dtype, kv_layout)
 @click.option("--checkpoint", default=None, metavar="SRC",
               help="What to validate against: a preset, hub id or local checkpoint dir (default: what the manifest "
                    "records; a random-weight export gets its preset or config with the same seed).")
-@click.option("--rescore-top-k", type=click.IntRange(min=0), default=None, metavar="K",
-              help="int8/int4 with a tied lm_head (GPT-2): recompute each position's K largest logits exactly from "
-                   "the float32 embedding table (default 16; 0: off).")
 @click.option("--validation-text", multiple=True, type=click.Path(dir_okay=False),
               help="A UTF-8 text file the validation scores (repeatable). Default: the fp32 model's own samples.")
 @click.option("--calibration", multiple=True, metavar="FILE",

@@ -193,11 +193,21 @@ def checkpoint_name(param: str, source, aliases: dict[str, list[str]] | None = N
 
 
 def parameter_aliases(model) -> dict[str, list[str]]:
-    """Parameter name -> all the names of that tensor (more than one for tied weights)."""
+    """Parameter name -> all the names of that tensor (more than one for tied weights).
+
+    Kept on the model from the first call: a streamed pass (calibration's hooks fill and drop each module's
+    parameters) leaves tied modules with parameters of their own, and a later pass must still find GPT-2's lm_head
+    under the embedding's checkpoint key.
+    """
+    cached = model.__dict__.get("_gptexport_parameter_aliases")
+    if cached is not None:
+        return cached
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
-    return {name: names for names in groups.values() for name in names}
+    aliases = {name: names for names in groups.values() for name in names}
+    model.__dict__["_gptexport_parameter_aliases"] = aliases
+    return aliases
 
 
 # ---- the torch model without its weights ------------------------------------------------------------------------
